@@ -1,0 +1,236 @@
+"""Plain dataclass configs for the denoiser, the trainer and the sampler, and presets.
+
+Every knob of a run lives here; a run writes its resolved configs into its
+checkpoint manifest (``lingshu.json``) so a model directory says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LingshuError
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "PRESETS",
+    "preset",
+    "to_dict",
+    "from_dict",
+]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LingshuError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the denoiser.
+
+    Parameters
+    ----------
+    n_layers
+        Number of transformer blocks.
+    d_model
+        Width of the transformer tokens.
+    n_heads
+        Attention heads; ``d_model`` must be divisible by it.
+    d_ff
+        Hidden width of the SwiGLU feed-forward layer.
+    gene_dim
+        Width ``D`` of each gene's value embedding before grouping.
+    group_size
+        Number of genes ``S`` flattened into one transformer token (``S * D -> d_model``).
+    rope_base
+        Base of the rotary position embedding.
+    dropout
+        Dropout inside the blocks (0 for the published design).
+    gene_seed
+        Seed of the fixed random gene permutation.
+    """
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_ff: int = 256
+    gene_dim: int = 8
+    group_size: int = 16
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    gene_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "gene_dim", "group_size"):
+            _check(int(getattr(self, name)) >= 1, f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.d_model % self.n_heads == 0,
+               f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _check((self.d_model // self.n_heads) % 2 == 0,
+               f"ModelConfig head width d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run.
+
+    Parameters
+    ----------
+    max_steps
+        Optimizer steps; ``None`` takes the preset's default length.
+    batch_size
+        Cells per micro-batch.
+    grad_accum
+        Micro-batches per optimizer step (global batch = ``batch_size * grad_accum``).
+    lr, min_lr
+        Peak learning rate after warmup and the floor of the cosine decay.
+    warmup_steps
+        Linear warmup length in optimizer steps.
+    weight_decay, betas, grad_clip
+        AdamW settings and the global gradient-norm clip (published: 0.1, (0.9, 0.95), 1.0).
+    ema_decay
+        Decay of the exponential moving average of weights saved as the model.
+    cond_dropout
+        Probability of replacing each condition token by its null id (enables guidance
+        relative to the null condition and unconditional sampling).
+    val_fraction
+        Fraction of cells held out for the validation loss (at most 2,000 cells).
+    val_every, checkpoint_every, log_every
+        Intervals in optimizer steps (0 disables periodic checkpoints).
+    seed
+        Seed of the train/validation split, data order, masking and dropout.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    max_steps: int | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 2e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    val_fraction: float = 0.05
+    val_every: int = 100
+    checkpoint_every: int = 0
+    log_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists
+        if self.max_steps is not None:
+            _check(int(self.max_steps) >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        _check(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class SampleConfig:
+    """Reverse-process settings.
+
+    Parameters
+    ----------
+    steps
+        Number of denoising steps (published: 256 unconditional, 3 perturbation).
+    schedule
+        ``"cosine"`` or ``"linear"``: how many genes stay masked after each step.
+    order
+        ``"random"`` reveals masked genes uniformly at random (published);
+        ``"confidence"`` reveals the genes whose drawn value is most probable first.
+    guidance_scale
+        Classifier-free guidance ``w``; 0 is plain conditional sampling.
+    guidance_reference
+        ``"control"`` (same context, control perturbation; published) or ``"null"``.
+    batch_size
+        Cells denoised at once.
+    seed
+        Seed of all draws: same seed, same cells.
+    """
+
+    steps: int = 32
+    schedule: str = "cosine"
+    order: str = "random"
+    guidance_scale: float = 0.0
+    guidance_reference: str = "control"
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
+        _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
+        _check(self.guidance_reference in ("control", "null"),
+               f"guidance_reference must be control or null, got {self.guidance_reference!r}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Preset:
+    """A named model size with a sensible default training length."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, gene_dim=8, group_size=16),
+        TrainConfig(max_steps=400, batch_size=32, lr=2e-3, warmup_steps=40, ema_decay=0.99, val_every=100),
+        "CPU, about a minute for a few thousand cells x genes",
+    ),
+    "small": Preset(
+        ModelConfig(n_layers=4, d_model=128, n_heads=4, d_ff=512, gene_dim=16, group_size=32),
+        TrainConfig(max_steps=1500, batch_size=48, lr=1e-3, warmup_steps=100, ema_decay=0.995, val_every=250),
+        "CPU, under ~10 minutes for a few thousand cells x genes",
+    ),
+    "base": Preset(
+        ModelConfig(n_layers=8, d_model=384, n_heads=6, d_ff=1536, gene_dim=16, group_size=32),
+        TrainConfig(max_steps=20000, batch_size=128, lr=5e-4, warmup_steps=500, ema_decay=0.999, val_every=1000),
+        "one GPU, hours",
+    ),
+    "paper": Preset(
+        ModelConfig(n_layers=13, d_model=640, n_heads=10, d_ff=2560, gene_dim=32, group_size=32),
+        TrainConfig(max_steps=100000, batch_size=256, lr=3e-4, warmup_steps=2000, ema_decay=0.9999,
+                    val_every=2000, checkpoint_every=5000),
+        "the published size (13 x 640, 10 heads, FFN 2,560); GPUs",
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    """Return a fresh copy of the preset called ``name``."""
+    if name not in PRESETS:
+        raise LingshuError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return Preset(dataclasses.replace(p.model), dataclasses.replace(p.train), p.description)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build config ``cls`` from a dict, refusing unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise LingshuError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**d)

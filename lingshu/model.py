@@ -1,0 +1,376 @@
+"""The user facade: ``LingshuModel(adata, ...).train() / .generate() / .predict() / .save() / .load()``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, to_dict
+from .data import BatchStream, Vocabulary, split_indices
+from .denoiser import Denoiser
+from .errors import LingshuError
+from .sampler import sample_tokens
+from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
+from .trainer import Trainer, resolve_device
+from .validation import check_labels, counts_matrix, require_obs_keys
+
+__all__ = ["LingshuModel"]
+
+log = logging.getLogger(__name__)
+_CHUNK_CELLS = 4096
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+class LingshuModel:
+    """A masked discrete diffusion model of single-cell count profiles.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes AnnData with raw integer UMI counts (in ``X`` or ``layer``).
+    context_keys
+        ``obs`` columns describing identity (cell type, cell line, donor, batch).
+    perturbation_key
+        ``obs`` column with the perturbation (target gene, cytokine); optional.
+    control
+        The label of unperturbed cells in ``perturbation_key`` (guidance reference).
+    preset
+        ``"tiny"``, ``"small"``, ``"base"`` or ``"paper"``: model size and default training length.
+    config
+        A :class:`ModelConfig` overriding the preset's model shape.
+    layer
+        Where the counts are: ``None`` (``X``), a layer name or ``"raw"``.
+    seed
+        Seed of the gene permutation and the weight initialisation.
+    """
+
+    def __init__(self, adata: ad.AnnData, *, context_keys: Sequence[str] = (), perturbation_key: str | None = None,
+                 control: str | None = None, preset: str = "tiny", config: ModelConfig | None = None,
+                 layer: str | None = None, seed: int = 0) -> None:
+        context_keys = [context_keys] if isinstance(context_keys, str) else list(context_keys)
+        keys = context_keys + ([perturbation_key] if perturbation_key else [])
+        if len(set(keys)) != len(keys):
+            raise LingshuError(f"condition keys must be distinct, got {keys}")
+        require_obs_keys(adata, keys)
+        if control is not None and perturbation_key is None:
+            raise LingshuError("--control needs --perturbation-key")
+        if perturbation_key and control is None:
+            raise LingshuError(f"--perturbation-key {perturbation_key!r} needs --control (the label of unperturbed cells)")
+        genes = [str(g) for g in adata.var_names]
+        if len(set(genes)) != len(genes):
+            dup = pd.Index(genes)[pd.Index(genes).duplicated()][0]
+            raise LingshuError(f"gene names must be unique; {dup!r} occurs more than once (use adata.var_names_make_unique())")
+        x = counts_matrix(adata, layer)
+        vocab = Vocabulary.from_obs(adata.obs, keys)
+        if control is not None:
+            check_labels([control], vocab.labels[perturbation_key], f"control label in {perturbation_key!r}")
+        p = get_preset(preset)
+        model_cfg = dataclasses.replace(config or p.model, gene_seed=seed)
+        self._setup(genes, vocab, context_keys, perturbation_key, control, model_cfg, CountTokenizer().fit(x, seed))
+        self.preset, self.train_config = preset, p.train
+        self._x, self._cond = x, vocab.encode(adata.obs)
+        self._freq = self._frequencies(self._cond)
+        torch.manual_seed(seed)
+        self.denoiser = Denoiser(model_cfg, len(genes), vocab.sizes())
+        self.denoiser.init_head_bias(token_frequencies(x))
+        self.history: dict[str, Any] = {}
+        self._trainer: Trainer | None = None
+
+    def _setup(self, genes, vocab, context_keys, perturbation_key, control, model_cfg, tokenizer) -> None:
+        self.genes, self.vocab, self.context_keys = genes, vocab, context_keys
+        self.perturbation_key, self.control = perturbation_key, control
+        self.model_config, self.tokenizer = model_cfg, tokenizer
+
+    @staticmethod
+    def _frequencies(cond: np.ndarray) -> list[list[int]]:
+        if cond.shape[1] == 0:
+            return [[len(cond)]]
+        combos, counts = np.unique(cond, axis=0, return_counts=True)
+        return [list(map(int, c)) + [int(n)] for c, n in zip(combos, counts)]
+
+    # ------------------------------------------------------------ properties
+    @property
+    def condition_keys(self) -> list[str]:
+        return list(self.vocab.keys)
+
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.vocab.labels.items()}
+
+    # ----------------------------------------------------------------- train
+    def train(self, config: TrainConfig | None = None, *, max_steps: int | None = None, device: str = "auto",
+              out_dir: str | Path | None = None, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+        """Train (or continue training) the denoiser on the cells given at construction.
+
+        Parameters
+        ----------
+        config
+            Training settings; default: the preset's (with its default length).
+        max_steps
+            Overrides ``config.max_steps``.
+        device
+            ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        out_dir
+            Run directory: checkpoints (every ``checkpoint_every`` steps and at the end).
+        resume
+            Continue the run saved in ``out_dir`` (same data, configs from its manifest).
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        dict
+            The training history (steps, seconds, losses).
+        """
+        if not hasattr(self, "_x"):
+            raise LingshuError("this model was loaded without training data; build LingshuModel(adata, ...) to train")
+        cfg = dataclasses.replace(config or self.train_config)
+        state = None
+        if resume:
+            if out_dir is None or not ckpt.is_run_dir(out_dir):
+                raise LingshuError(f"--resume: no checkpoint in {str(out_dir)!r} to resume from")
+            manifest = ckpt.read_manifest(out_dir)
+            self._check_compatible(manifest)
+            cfg = from_dict(TrainConfig, manifest["train_config"])
+            if "trainer_state.safetensors" not in manifest.get("files", {}):
+                raise LingshuError(f"{out_dir} holds no trainer state to resume from")
+            state = (ckpt.read_tensors(out_dir, ckpt.TRAINER_STATE), manifest.get("training", {}))
+        if max_steps is not None:
+            cfg.max_steps = int(max_steps)
+        if device != "auto" or cfg.device == "auto":
+            cfg.device = device
+        cfg = TrainConfig(**dataclasses.asdict(cfg))  # re-validate
+        dev = resolve_device(cfg.device)
+        train_idx, val_idx = split_indices(len(self._cond), cfg.val_fraction, cfg.seed)
+        stream = BatchStream(self._x, self._cond, train_idx, cfg.batch_size, self.tokenizer, cfg.seed)
+        val = BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed) if len(val_idx) else None
+        self.train_config = cfg
+        on_ckpt = (lambda tr: self._write(out_dir, tr)) if out_dir is not None else None
+        trainer = Trainer(self.denoiser, stream, cfg, dev, val_stream=val, on_checkpoint=on_ckpt, progress=progress)
+        if state is not None:
+            trainer.load_state(*state)
+            log.info("resuming %s at step %d of %d", out_dir, trainer.history.step, cfg.max_steps)
+        log.info("training %s: %d cells x %d genes, %d condition keys, %.2fM parameters, %d steps on %s",
+                 self.preset, len(train_idx), len(self.genes), len(self.vocab.keys),
+                 sum(p.numel() for p in self.denoiser.parameters()) / 1e6, cfg.max_steps, dev)
+        hist = trainer.fit()
+        self._trainer = trainer
+        self.denoiser = trainer.ema
+        self.history = hist.to_dict()
+        return self.history
+
+    def _check_compatible(self, manifest: Mapping[str, Any]) -> None:
+        if manifest["genes"] != self.genes:
+            raise LingshuError("--resume: the data's genes differ from the checkpoint's; resume with the same input file")
+        if manifest["conditions"]["labels"] != self.vocab.labels or manifest["conditions"]["keys"] != self.vocab.keys:
+            raise LingshuError("--resume: the condition keys or labels differ from the checkpoint's")
+        self.model_config = from_dict(ModelConfig, manifest["model_config"])
+        self.tokenizer = CountTokenizer.from_state(manifest["tokenizer"])
+        self.denoiser = Denoiser(self.model_config, len(self.genes), self.vocab.sizes())
+
+    # ----------------------------------------------------------------- sample
+    def _reference(self, cond: np.ndarray, reference: str) -> np.ndarray:
+        if reference == "control" and self.perturbation_key is not None:
+            ref = cond.copy()
+            j = self.vocab.keys.index(self.perturbation_key)
+            ref[:, j] = self.vocab.labels[self.perturbation_key].index(self.control) + 1
+            return ref
+        return np.zeros_like(cond)
+
+    def simulate(self, conditions: pd.DataFrame, *, steps: int = 32, guidance_scale: float = 0.0,
+                 guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
+                 seed: int = 0, device: str = "auto", batch_size: int = 256, prior: Mapping[str, int] | None = None,
+                 start_counts: sp.spmatrix | None = None, mask_fraction: float = 1.0,
+                 progress: bool = False) -> ad.AnnData:
+        """One simulated cell per row of ``conditions``.
+
+        Parameters
+        ----------
+        conditions
+            Labels per condition key (a missing column means the null condition).
+        steps, guidance_scale, guidance_reference, order, schedule, seed, batch_size
+            See :class:`SampleConfig`.
+        prior
+            Prior injection: ``{gene: count}`` fixed in every cell and never re-masked.
+        start_counts
+            Optional ``(n, genes)`` counts to start from (counterfactual mode): a random
+            ``mask_fraction`` of each cell's genes is re-generated, the rest kept.
+        mask_fraction
+            Fraction of genes re-generated when ``start_counts`` is given.
+        """
+        cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
+                           guidance_reference=guidance_reference, batch_size=batch_size, seed=seed)
+        conditions = conditions.reset_index(drop=True)
+        cond = self.vocab.encode(conditions, allow_missing_keys=True)
+        ref = self._reference(cond, guidance_reference) if guidance_scale != 0 else None
+        dev = resolve_device(device)
+        self.denoiser.to(dev)
+        fixed = self._prior_tokens(prior)
+        rng = np.random.default_rng(seed)
+        n, chunks = len(cond), []
+        for c, start in enumerate(range(0, n, _CHUNK_CELLS)):
+            sl = slice(start, min(start + _CHUNK_CELLS, n))
+            init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
+            if start_counts is not None:
+                init = self.tokenizer.encode(sp.csr_matrix(start_counts[sl]))
+                regen = torch.from_numpy(rng.random(init.shape) < mask_fraction)
+                init[regen] = MASK_ID
+            for j, tok in fixed.items():
+                init[:, j] = tok
+            tokens = sample_tokens(self.denoiser, torch.from_numpy(cond[sl]), init,
+                                   dataclasses.replace(cfg, seed=seed + 7919 * c),
+                                   ref=None if ref is None else torch.from_numpy(ref[sl]), device=dev,
+                                   progress=progress, autocast=dev.type == "cuda")
+            chunks.append(sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32)))
+        x = sp.vstack(chunks).tocsr() if chunks else sp.csr_matrix((0, len(self.genes)), dtype=np.float32)
+        obs = conditions.copy()
+        for k in self.vocab.keys:
+            if k in obs.columns:
+                obs[k] = pd.Categorical(obs[k].astype(str), categories=self.vocab.labels[k])
+        obs.index = [f"sim_{i}" for i in range(n)]
+        out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, dtype=str)))
+        out.uns["lingshu"] = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
+                              "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
+                              "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
+                              "prior_genes": sorted(prior) if prior else []}
+        return out
+
+    def _prior_tokens(self, prior: Mapping[str, int] | None) -> dict[int, int]:
+        if not prior:
+            return {}
+        pos = {g: i for i, g in enumerate(self.genes)}
+        check_labels(list(prior), self.genes, "prior gene")
+        return {pos[g]: int(self.tokenizer.encode(np.array([int(c)]))[0]) for g, c in prior.items()}
+
+    def generate(self, n_cells: int, condition: Mapping[str, str] | None = None, **kwargs: Any) -> ad.AnnData:
+        """``n_cells`` cells; condition keys not given are drawn from the training label frequencies.
+
+        ``generate(n)`` therefore reproduces the training cell-type proportions, and
+        ``generate(n, {"cell_type": "B"})`` gives B cells. Keyword arguments go to :meth:`simulate`.
+        """
+        condition = dict(condition or {})
+        for k, v in condition.items():
+            if k not in self.vocab.keys:
+                raise LingshuError(f"condition key {k!r} is not one of the model's: {', '.join(self.vocab.keys) or '(none)'}")
+            check_labels([v], self.vocab.labels[k], k)
+        keys = self.vocab.keys
+        freq = np.asarray(self._freq, dtype=np.int64)
+        given = {keys.index(k): self.vocab.labels[k].index(str(v)) + 1 for k, v in condition.items()}
+        match = np.all([freq[:, j] == i for j, i in given.items()], axis=0) if given else np.ones(len(freq), bool)
+        rng = np.random.default_rng(kwargs.get("seed", 0) + 104729)
+        if match.any():
+            rows = freq[match]
+            ids = rows[rng.choice(len(rows), n_cells, p=rows[:, -1] / rows[:, -1].sum()), :-1]
+        else:  # a novel combination: draw the missing keys from their marginals
+            ids = freq[rng.choice(len(freq), n_cells, p=freq[:, -1] / freq[:, -1].sum()), :-1]
+        for j, i in given.items():
+            ids[:, j] = i
+        return self.simulate(self.vocab.decode(ids), **kwargs)
+
+    def predict(self, adata: ad.AnnData, perturbations: Sequence[str], *, n_per_cell: int = 1,
+                guidance_scale: float = 2.0, steps: int = 3, seed: int = 0, mask_fraction: float | None = None,
+                layer: str | None = None, **kwargs: Any) -> ad.AnnData:
+        """Cells of each input cell's context under each perturbation.
+
+        Parameters
+        ----------
+        adata
+            Source cells; their ``obs`` must hold the model's context keys.
+        perturbations
+            Labels of ``perturbation_key`` to simulate.
+        n_per_cell
+            Simulated cells per input cell and perturbation.
+        mask_fraction
+            ``None``: sample from the condition tokens alone (published). A value in
+            (0, 1]: counterfactual mode, start from each input cell's counts and
+            re-generate that fraction of its genes under the perturbation.
+        """
+        if self.perturbation_key is None:
+            raise LingshuError("this model was trained without --perturbation-key; use generate instead")
+        if n_per_cell < 1:
+            raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
+        perturbations = [str(p) for p in perturbations]
+        check_labels(perturbations, self.vocab.labels[self.perturbation_key], "perturbation")
+        require_obs_keys(adata, self.context_keys)
+        ctx = adata.obs[self.context_keys].astype(str).reset_index(drop=True)
+        for k in self.context_keys:
+            check_labels(ctx[k], self.vocab.labels[k], k)
+        src = np.repeat(np.arange(adata.n_obs), n_per_cell)
+        parts = [ctx.iloc[src].assign(**{self.perturbation_key: p}) for p in perturbations]
+        table = pd.concat(parts, ignore_index=True)
+        start = None
+        if mask_fraction is not None:
+            if not 0 < mask_fraction <= 1:
+                raise LingshuError(f"mask_fraction must be in (0, 1], got {mask_fraction}")
+            from .io import align_genes
+            counts, _ = align_genes(counts_matrix(adata, layer), list(map(str, adata.var_names)), self.genes)
+            start = sp.vstack([counts[src]] * len(perturbations)).tocsr()
+        out = self.simulate(table, steps=steps, guidance_scale=guidance_scale, seed=seed, start_counts=start,
+                            mask_fraction=mask_fraction or 1.0, **kwargs)
+        out.obs["source_cell"] = np.tile(np.asarray(adata.obs_names)[src], len(perturbations))
+        return out
+
+    # ------------------------------------------------------------- save/load
+    def _manifest(self, trainer: Trainer | None) -> dict[str, Any]:
+        hist = trainer.history.to_dict() if trainer is not None else self.history
+        return {
+            "lingshu_version": _version(),
+            "preset": self.preset,
+            "model_config": to_dict(self.model_config),
+            "train_config": to_dict(self.train_config),
+            "tokenizer": self.tokenizer.state_dict(),
+            "genes": self.genes,
+            "permutation": self.denoiser.perm.tolist(),
+            "conditions": {"keys": self.vocab.keys, "labels": self.vocab.labels, "context_keys": self.context_keys,
+                           "perturbation_key": self.perturbation_key, "control": self.control,
+                           "frequencies": self._freq},
+            "training": hist,
+        }
+
+    def _write(self, path: str | Path, trainer: Trainer | None) -> None:
+        weights = (trainer.ema if trainer is not None else self.denoiser).state_dict()
+        ckpt.write_checkpoint(path, self._manifest(trainer), weights,
+                              trainer.state_tensors() if trainer is not None else None)
+
+    def save(self, path: str | Path) -> None:
+        """Write the model directory (EMA weights, manifest and, after training, the trainer state)."""
+        self._write(path, self._trainer)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "LingshuModel":
+        """Load a model directory written by :meth:`save` (verified; never unpickles)."""
+        m = ckpt.read_manifest(path)
+        try:
+            c = m["conditions"]
+            self = cls.__new__(cls)
+            self._setup(list(m["genes"]), Vocabulary(list(c["keys"]), {k: list(v) for k, v in c["labels"].items()}),
+                        list(c["context_keys"]), c["perturbation_key"], c["control"],
+                        from_dict(ModelConfig, m["model_config"]), CountTokenizer.from_state(m["tokenizer"]))
+            self.preset, self.train_config = m.get("preset", "custom"), from_dict(TrainConfig, m["train_config"])
+            self._freq, self.history, self._trainer = c["frequencies"], m.get("training", {}), None
+        except (KeyError, TypeError, ValueError) as e:
+            raise LingshuError(f"{path}: malformed manifest ({e.__class__.__name__}: {e})") from None
+        self.denoiser = Denoiser(self.model_config, len(self.genes), self.vocab.sizes())
+        weights = ckpt.read_tensors(path)
+        if m["permutation"] != weights["perm"].tolist():
+            raise LingshuError(f"{path}: gene permutation in the weights differs from the manifest")
+        try:
+            self.denoiser.load_state_dict(weights)
+        except RuntimeError as e:
+            raise LingshuError(f"{path}: weights do not match the manifest's model config ({str(e).splitlines()[0]})") from None
+        self.denoiser.to(resolve_device(device)).eval()
+        return self

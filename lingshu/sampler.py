@@ -1,0 +1,139 @@
+"""The reverse process: from MASK to counts-tokens, with guidance and prior injection.
+
+Every position that is MASK in the initial tokens is generated; every other position
+is held fixed and never re-masked (prior injection, or the kept genes of a
+counterfactual start from a real cell). At each of ``N`` steps the cosine (or
+linear) schedule fixes how many masked genes each cell reveals; they are chosen
+uniformly at random (published) or by confidence; values are drawn from the
+predicted categorical in float64. Steps that reveal nothing skip the denoiser.
+
+Classifier-free guidance (Lingshu-Cell, section 4)::
+
+    log p = log p(x | ref) + (w + 1) * (log p(x | cond) - log p(x | ref))
+
+with ``ref`` the control condition (same context) or the null condition. ``w = 0``
+skips the reference pass and is exactly conditional sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import SampleConfig
+from .progress import progress_bar
+from .schedule import n_masked_after
+from .tokenizer import MASK_ID
+
+__all__ = ["sample_tokens", "guided_log_probs", "gumbel_draw"]
+
+
+def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None, w: float) -> torch.Tensor:
+    """Guided log-probabilities in float64 (unnormalised when ``w != 0``)."""
+    lc = torch.log_softmax(logits_cond.double(), dim=-1)
+    if logits_ref is None or w == 0:
+        return lc
+    lr = torch.log_softmax(logits_ref.double(), dim=-1)
+    return lr + (w + 1.0) * (lc - lr)
+
+
+def gumbel_draw(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row of ``logp`` by the Gumbel-max trick in float64."""
+    u = torch.rand(logp.shape, dtype=torch.float64, generator=generator, device=logp.device)
+    g = -torch.log(-torch.log(u.clamp_(min=1e-300)))
+    return torch.argmax(logp + g, dim=-1)
+
+
+def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator) -> torch.Tensor:
+    """Reveal ``n_reveal[i]`` masked genes of each cell ``i``; returns the new tokens."""
+    b, g = x.shape
+    masked = x == MASK_ID
+    guided = ref is not None and w != 0
+    if guided:
+        h = denoiser.hidden(torch.cat([x, x]), torch.cat([cond, ref]))  # (2B, G, D)
+        h_cond, h_ref = h[:b], h[b:]
+    else:
+        h_cond, h_ref = denoiser.hidden(x, cond), None
+    k = int(n_reveal.max())
+    if order == "random":
+        score = torch.rand((b, g), generator=generator, device=x.device)
+        score = score.masked_fill(~masked, -1.0)
+        pos = score.topk(k, dim=1).indices  # (B, k)
+        keep = torch.arange(k, device=x.device)[None, :] < n_reveal[:, None]  # (B, k)
+        rows, cols = torch.arange(b, device=x.device)[:, None].expand(b, k)[keep], pos[keep]
+        logits_ref = denoiser.head_logits(h_ref[rows, cols]).float() if guided else None
+        logp = guided_log_probs(denoiser.head_logits(h_cond[rows, cols]).float(), logits_ref, w)
+        values = gumbel_draw(logp, generator)
+    else:  # confidence: draw every masked gene, reveal the most probable draws
+        rows_m, cols_m = masked.nonzero(as_tuple=True)
+        logits_ref = denoiser.head_logits(h_ref[rows_m, cols_m]).float() if guided else None
+        logp = guided_log_probs(denoiser.head_logits(h_cond[rows_m, cols_m]).float(), logits_ref, w)
+        draw = gumbel_draw(logp, generator)
+        conf = torch.full((b, g), -math.inf, dtype=torch.float64, device=x.device)
+        conf[rows_m, cols_m] = torch.log_softmax(logp, dim=-1).gather(1, draw[:, None]).squeeze(1)
+        drawn = torch.full_like(x, MASK_ID)
+        drawn[rows_m, cols_m] = draw
+        pos = conf.topk(k, dim=1).indices
+        keep = torch.arange(k, device=x.device)[None, :] < n_reveal[:, None]
+        rows, cols = torch.arange(b, device=x.device)[:, None].expand(b, k)[keep], pos[keep]
+        values = drawn[rows, cols]
+    x = x.clone()
+    x[rows, cols] = values
+    return x
+
+
+@torch.no_grad()
+def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleConfig, *,
+                  ref: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                  progress: bool = False, autocast: bool = False) -> torch.Tensor:
+    """Generate value tokens for every MASK position of ``init``.
+
+    Parameters
+    ----------
+    denoiser
+        A trained :class:`lingshu.denoiser.Denoiser`.
+    cond
+        ``(N, K)`` condition ids (0 = null).
+    init
+        ``(N, G)`` starting tokens: MASK where genes are generated, a value token where
+        they are fixed (prior injection / counterfactual start).
+    cfg
+        Steps, schedule, order, guidance scale, batch size and seed. Batches are drawn
+        in order from one generator seeded with ``cfg.seed``: the same seed, batch size
+        and device give the same cells.
+    ref
+        ``(N, K)`` reference condition ids for guidance, or ``None``.
+    device
+        Where to run.
+    progress
+        Show a rich progress bar.
+    autocast
+        Run the denoiser under bf16 autocast (CUDA).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, G)`` int64 value tokens on the CPU, no MASK left.
+    """
+    device = torch.device(device)
+    denoiser.eval()
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    out = []
+    n = cond.shape[0]
+    n_batches = math.ceil(n / cfg.batch_size)
+    with progress_bar(progress, "sampling", total=n_batches * cfg.steps) as bar:
+        for start in range(0, n, cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            x = init[sl].to(device)
+            c = cond[sl].to(device)
+            r = ref[sl].to(device) if ref is not None else None
+            n0 = (x == MASK_ID).sum(1)
+            for step in range(1, cfg.steps + 1):
+                n_reveal = (x == MASK_ID).sum(1) - n_masked_after(n0, step, cfg.steps, cfg.schedule)
+                if int(n_reveal.max()) > 0:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator)
+                bar.advance()
+            out.append(x.cpu())
+    return torch.cat(out) if out else init.clone()

@@ -1,0 +1,119 @@
+"""The LingshuModel facade: simulate, save/load, resume, format versions, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from lingshu import LingshuError, LingshuModel
+from tests.conftest import make_counts
+
+
+def _model(**kw):
+    return LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition",
+                        control="control", preset="tiny", **kw)
+
+
+def test_simulate_returns_integer_counts_and_conditions():
+    m = _model()
+    m.train(max_steps=5, device="cpu")
+    out = m.generate(10, {"cell_type": "B", "condition": "stim"}, steps=4, seed=0)
+    assert out.shape == (10, 60) and list(out.var_names) == m.genes
+    assert sp.issparse(out.X) and np.all(out.X.data == np.round(out.X.data)) and out.X.data.min() >= 0
+    assert set(out.obs["cell_type"]) == {"B"} and set(out.obs["condition"]) == {"stim"}
+    assert out.uns["lingshu"]["steps"] == 4
+
+
+def test_generate_reproduces_training_proportions():
+    m = _model()
+    out = m.generate(400, steps=1, seed=0)
+    frac_b = (out.obs["cell_type"] == "B").mean()
+    assert 0.4 < frac_b < 0.6  # make_counts holds half A, half B
+
+
+def test_predict_keeps_context_and_source_cells():
+    m = _model()
+    src = make_counts(n_cells=6, seed=3)
+    out = m.predict(src, ["stim"], n_per_cell=2, steps=2, guidance_scale=2.0, seed=0)
+    assert out.n_obs == 12
+    assert list(out.obs["source_cell"]) == list(np.repeat(src.obs_names, 2))
+    assert list(out.obs["cell_type"].astype(str)) == list(np.repeat(src.obs["cell_type"].astype(str), 2))
+    assert set(out.obs["condition"]) == {"stim"}
+    cf = m.predict(src, ["stim"], steps=2, seed=0, mask_fraction=0.3)
+    assert cf.n_obs == 6 and cf.uns["lingshu"]["mask_fraction"] == 0.3
+
+
+def test_save_load_gives_identical_samples(tmp_path):
+    m = _model()
+    m.train(max_steps=5, device="cpu")
+    m.save(tmp_path / "run")
+    m2 = LingshuModel.load(tmp_path / "run")
+    a = m.generate(20, steps=3, seed=7)
+    b = m2.generate(20, steps=3, seed=7)
+    assert (a.X != b.X).nnz == 0
+    assert list(a.obs["cell_type"]) == list(b.obs["cell_type"])
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    from lingshu import TrainConfig
+    from lingshu import checkpoint as ckpt
+
+    cfg = TrainConfig(max_steps=8, batch_size=16, checkpoint_every=4, warmup_steps=2, device="cpu")
+    full = _model()
+    full.train(cfg)
+    write = ckpt.write_checkpoint
+
+    def write_then_die(path, manifest, *a, **k):  # the process is killed right after the step-4 checkpoint
+        write(path, manifest, *a, **k)
+        if manifest["training"]["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _model().train(cfg, out_dir=tmp_path / "run")
+    monkeypatch.setattr(ckpt, "write_checkpoint", write)
+    resumed = _model()
+    resumed.train(out_dir=tmp_path / "run", resume=True, device="cpu")
+    for (k, a), b in zip(full.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+    assert resumed.history["step"] == 8
+    assert resumed.history["train_loss"] == full.history["train_loss"]
+
+
+def test_load_refuses_other_format_version(tmp_path):
+    m = _model()
+    m.save(tmp_path / "run")
+    manifest = tmp_path / "run" / "lingshu.json"
+    d = json.loads(manifest.read_text())
+    d["format_version"] = 99
+    manifest.write_text(json.dumps(d))
+    with pytest.raises(LingshuError, match="format_version 99"):
+        LingshuModel.load(tmp_path / "run")
+
+
+def test_load_detects_truncated_weights(tmp_path):
+    m = _model()
+    m.save(tmp_path / "run")
+    w = tmp_path / "run" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(LingshuError, match="does not match its manifest"):
+        LingshuModel.load(tmp_path / "run")
+
+
+def test_bad_input_messages():
+    a = make_counts()
+    with pytest.raises(LingshuError, match="available: cell_type, condition"):
+        LingshuModel(a, context_keys=["donor"])
+    with pytest.raises(LingshuError, match="needs --control"):
+        LingshuModel(a, perturbation_key="condition")
+    with pytest.raises(LingshuError, match="closest: control"):
+        LingshuModel(a, perturbation_key="condition", control="contrl")
+    b = a.copy()
+    b.layers["counts"] = b.X.copy()
+    b.X = b.X.log1p()
+    with pytest.raises(LingshuError, match="--layer counts"):
+        LingshuModel(b, context_keys=["cell_type"])
+    m = _model()
+    with pytest.raises(LingshuError, match="never seen in training.*closest: stim"):
+        m.predict(make_counts(n_cells=4), ["stimm"])
