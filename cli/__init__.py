@@ -1,0 +1,1 @@
+"""The ``lingshu`` command line (Typer app in :mod:`cli.main`)."""

@@ -1,0 +1,291 @@
+"""The ``lingshu`` command line: train, simulate, info, demo.
+
+Each command parses its flags, checks the user's input early (labels, output paths) and
+calls the library. Human output goes to stderr; stdout carries only ``info``'s report.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._common import console, friendly, parse_conditions, resolve_device, setup
+
+app = typer.Typer(
+    name="lingshu",
+    help="Lingshu: generate and perturb virtual single cells with a masked discrete diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda if available), cpu or cuda.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")]
+
+
+def _train_configs(preset_name: str, config_file: Path | None, overrides: dict[str, Any]):
+    """Resolve ModelConfig and TrainConfig: preset < [model]/[train] of the TOML file < flags."""
+    from lingshu.config import ModelConfig, TrainConfig, from_dict, preset, to_dict
+    from lingshu.errors import LingshuError
+
+    base = preset(preset_name)
+    model_d, train_d = to_dict(base.model), to_dict(base.train)
+    if config_file is not None:
+        try:
+            doc = tomllib.loads(Path(config_file).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise LingshuError(f"{config_file} is not valid TOML: {exc}") from None
+        unknown = sorted(set(doc) - {"model", "train"})
+        if unknown:
+            raise LingshuError(f"{config_file}: unknown section(s) {', '.join(unknown)}; expected [model] and [train]")
+        model_d.update(doc.get("model", {}))
+        train_d.update(doc.get("train", {}))
+    train_d.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(ModelConfig, model_d), from_dict(TrainConfig, train_d)
+
+
+@app.command()
+@friendly
+def train(
+    input: Annotated[Path, typer.Option("--in", help="Training cells (.h5ad, 10x .h5, .h5mu) with raw counts.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory for the model and checkpoints.")],
+    context_key: Annotated[list[str] | None, typer.Option(
+        "--context-key", metavar="KEY", help="obs column to condition on (repeatable), e.g. cell_type.")] = None,
+    perturbation_key: Annotated[str | None, typer.Option(
+        "--perturbation-key", help="obs column naming the perturbation, e.g. condition.")] = None,
+    control: Annotated[str | None, typer.Option(
+        "--control", help="The control label of --perturbation-key.")] = None,
+    layer: Annotated[str | None, typer.Option(
+        "--layer", help="Layer holding raw counts (default X; 'raw' for .raw).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="Model size: tiny, small, base or paper.")] = "tiny",
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", help="Optimizer steps (default: the preset's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Cells per batch (default: the preset's).")] = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML file with [model] and [train] settings.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a model on count data and save it to --out."""
+    from lingshu import LingshuModel
+    from lingshu.errors import LingshuError
+    from lingshu.io import read_cells
+    from lingshu.validation import require_obs_keys
+
+    progress = setup(quiet)
+    device = resolve_device(device)
+    context_keys = list(context_key or [])
+    if control is not None and perturbation_key is None:
+        raise LingshuError("--control needs --perturbation-key (the obs column it is a label of)")
+    manifest = out / "lingshu.json"
+    if resume and not manifest.exists():
+        raise LingshuError(f"--resume: {out} holds no model (no lingshu.json); train without --resume first")
+    if not resume and manifest.exists():
+        raise LingshuError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise LingshuError(f"--out {out} is a file; give a directory")
+
+    adata = read_cells(input, layer=layer)
+    model_cfg, train_cfg = _train_configs(
+        preset, config, {"max_steps": max_steps, "batch_size": batch_size, "seed": seed, "device": device})
+    if resume:
+        # the run directory holds the keys and configs but no data: rebuild on --in, then continue
+        saved = LingshuModel.load(out)
+        _check_same_keys(saved, context_keys, perturbation_key, control)
+        context_keys, perturbation_key, control = saved.context_keys, saved.perturbation_key, saved.control
+        preset, model_cfg, seed = saved.preset, saved.model_config, saved.model_config.gene_seed
+    require_obs_keys(adata, context_keys + ([perturbation_key] if perturbation_key else []))
+    model = LingshuModel(adata, context_keys=context_keys, perturbation_key=perturbation_key,
+                         control=control, preset=preset, config=model_cfg, layer=layer, seed=seed)
+    console.print(f"training on {adata.n_obs:,} cells x {adata.n_vars:,} genes ({preset}, {device})",
+                  markup=False, highlight=False)
+    history = model.train(train_cfg, max_steps=max_steps, device=device, out_dir=out, resume=resume,
+                          progress=progress)
+    model.save(out)
+    loss = history.get("val_loss") or history.get("train_loss") or []
+    last = f", last loss {_last(loss):.4f}" if loss else ""
+    steps = history.get("steps", history.get("step", "?"))
+    console.print(f"saved model to {out} after {steps} steps ({history.get('seconds', 0.0):.1f} s{last})",
+                  markup=False, highlight=False)
+
+
+def _check_same_keys(saved, context_keys: list[str], perturbation_key: str | None, control: str | None) -> None:
+    """With --resume, condition flags are optional but must agree with the run's."""
+    from lingshu.errors import LingshuError
+
+    given = {"--context-key": (context_keys, saved.context_keys),
+             "--perturbation-key": (perturbation_key, saved.perturbation_key), "--control": (control, saved.control)}
+    for flag, (mine, theirs) in given.items():
+        if mine and mine != theirs:
+            raise LingshuError(f"--resume: {flag} {mine} differs from the run's ({theirs}); "
+                               "drop the flag or start a new --out")
+
+
+def _last(values: list) -> float:
+    v = values[-1]
+    return float(v[-1] if isinstance(v, (list, tuple)) else v)
+
+
+@app.command()
+@friendly
+def simulate(
+    model_dir: Annotated[Path, typer.Option("--model", help="Model directory written by lingshu train.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file: .h5ad, .h5mu or .rds.")],
+    input: Annotated[Path | None, typer.Option("--in", help="Cells to perturb (.h5ad, 10x .h5, .h5mu).")] = None,
+    perturb: Annotated[list[str] | None, typer.Option(
+        "--perturb", metavar="LABEL", help="Perturbation to apply to every --in cell (repeatable).")] = None,
+    n_per_cell: Annotated[int, typer.Option(
+        "--n-per-cell", help="Simulated cells per input cell and perturbation.")] = 1,
+    n_cells: Annotated[int | None, typer.Option(
+        "--n-cells", help="Generate this many cells from scratch (no --in).")] = None,
+    condition: Annotated[list[str] | None, typer.Option(
+        "--condition", metavar="KEY=VALUE",
+        help="KEY=VALUE fixed for generated cells (repeatable); other keys follow training frequencies.")] = None,
+    guidance: Annotated[float | None, typer.Option(
+        "--guidance", help="Classifier-free guidance scale (default 2.0 with --in, 0 otherwise).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Perturb real cells (--in + --perturb) or generate new ones (--n-cells)."""
+    from lingshu import LingshuModel
+    from lingshu.errors import LingshuError
+    from lingshu.io import check_output_path, read_cells, write_cells
+
+    progress = setup(quiet)
+    perturbations = list(perturb or [])
+    conditions = parse_conditions(condition)
+    if input is not None and n_cells is not None:
+        raise LingshuError("give either --in (cells to perturb) or --n-cells (generate), not both")
+    if input is None and n_cells is None:
+        raise LingshuError("nothing to do: give --in cells.h5ad --perturb X to perturb cells, "
+                           "or --n-cells N to generate cells")
+    if input is not None and not perturbations:
+        raise LingshuError("--in needs at least one --perturb")
+    if input is None and perturbations:
+        raise LingshuError("--perturb needs --in (the cells to perturb); to generate perturbed cells "
+                           "from scratch use --condition KEY=VALUE")
+    if input is not None and conditions:
+        raise LingshuError("--condition applies to --n-cells; with --in the context comes from the cells")
+    if n_cells is not None and n_cells < 1:
+        raise LingshuError(f"--n-cells must be >= 1, got {n_cells}")
+    if n_per_cell < 1:
+        raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
+    check_output_path(out, overwrite=overwrite)
+    device = resolve_device(device)
+    model = LingshuModel.load(model_dir)
+
+    if input is not None:
+        _check_perturbations(model, perturbations)  # before reading a possibly large file
+        adata = read_cells(input)
+        _check_context(model, adata)
+        console.print(f"simulating {len(perturbations)} perturbation(s) x {adata.n_obs:,} cells "
+                      f"x {n_per_cell}", markup=False, highlight=False)
+        sim = model.predict(adata, perturbations, n_per_cell=n_per_cell,
+                            guidance_scale=2.0 if guidance is None else guidance,
+                            steps=3 if steps is None else steps, seed=seed, device=device, progress=progress)
+    else:
+        _check_conditions(model, conditions)
+        console.print(f"generating {n_cells:,} cells", markup=False, highlight=False)
+        sim = model.generate(n_cells, condition=conditions or None, steps=32 if steps is None else steps,
+                             guidance_scale=0.0 if guidance is None else guidance, seed=seed,
+                             device=device, progress=progress)
+    write_cells(sim, out, overwrite=overwrite)
+    console.print(f"wrote {sim.n_obs:,} cells to {out}", markup=False, highlight=False)
+
+
+def _check_perturbations(model, perturbations: list[str]) -> None:
+    from lingshu.errors import LingshuError
+    from lingshu.validation import check_labels
+
+    if model.perturbation_key is None:
+        raise LingshuError("this model was trained without --perturbation-key, so it cannot perturb cells; "
+                           "use --n-cells to generate")
+    check_labels(perturbations, model.categories[model.perturbation_key], "perturbation")
+
+
+def _check_context(model, adata) -> None:
+    """The input cells must carry every context key with labels the model knows."""
+    from lingshu.validation import check_labels, require_obs_keys
+
+    require_obs_keys(adata, model.context_keys)
+    for key in model.context_keys:
+        check_labels(adata.obs[key].astype(str).unique(), model.categories[key], f"{key} value")
+
+
+def _check_conditions(model, conditions: dict[str, str]) -> None:
+    from lingshu.errors import LingshuError
+    from lingshu.validation import check_labels
+
+    for key, value in conditions.items():
+        if key not in model.condition_keys:
+            known = ", ".join(model.condition_keys) or "(none: the model is unconditional)"
+            raise LingshuError(f"--condition key {key!r} is not a condition of this model; known: {known}")
+        check_labels([value], model.categories[key], f"{key} value")
+
+
+@app.command()
+@friendly
+def info(
+    path: Annotated[Path, typer.Argument(help="A data file (.h5ad, .h5, .h5mu) or a model directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Describe a data file or a model directory (report on stdout)."""
+    from lingshu.errors import LingshuError
+
+    from .info import data_report, format_report, model_report
+
+    setup(quiet=True)
+    if path.is_dir():
+        if not (path / "lingshu.json").exists():
+            raise LingshuError(f"{path} is a directory without lingshu.json, not a Lingshu model")
+        report = model_report(path)
+    else:
+        report = data_report(path)
+    typer.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Directory for the model, generated cells and metrics.")] = Path("lingshu-demo"),
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", help="Training steps (default: the tiny preset's).")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A short run (100 steps, 4 sampling steps) to check the install.")] = False,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the outputs of an earlier demo in --out.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a tiny model on 700 PBMCs (ships with scanpy), generate cells, score them."""
+    from .demo import run_demo
+
+    progress = setup(quiet)
+    run_demo(out, max_steps=max_steps, quick=quick, device=resolve_device(device), overwrite=overwrite,
+             progress=progress)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (e.g. during imports)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The ``lingshu`` command line, driven through Typer's CliRunner.
+
+Bad input must end in exit code 1 with one ``error: ...`` line on stderr that says what to
+do, never a traceback, and must leave no output (partial or temporary) behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from cli.main import app
+from conftest import make_counts
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:mudata")
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """Exit 1, a single ``error:`` line on stderr containing every fragment, no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output and result.stdout == ""
+    return lines[0]
+
+
+def no_temp_files(directory) -> bool:
+    return not [p for p in directory.rglob("*") if ".tmp-" in p.name]
+
+
+def write(adata, path):
+    adata.write_h5ad(path)
+    return path
+
+
+# --- bad data files ----------------------------------------------------------------------------
+
+def test_log_normalised_x_names_the_counts_layer(tmp_path):
+    adata = make_counts()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.copy()
+    adata.X.data = np.log1p(adata.X.data)
+    path = write(adata, tmp_path / "lognorm.h5ad")
+    result = run("train", "--in", path, "--out", tmp_path / "run", "--context-key", "cell_type")
+    assert_user_error(result, "X holds non-integer values", "--layer counts")
+    assert not (tmp_path / "run").exists()
+
+
+def test_negative_values(tmp_path):
+    adata = make_counts()
+    adata.X = adata.X.toarray()
+    adata.X[3, 4] = -2.0
+    result = run("train", "--in", write(adata, tmp_path / "neg.h5ad"), "--out", tmp_path / "run")
+    assert_user_error(result, "negative values")
+
+
+def test_missing_obs_key_lists_available(counts_h5ad, tmp_path):
+    result = run("train", "--in", counts_h5ad, "--out", tmp_path / "run", "--context-key", "donor")
+    assert_user_error(result, "'donor' not found", "available: cell_type, condition")
+
+
+@pytest.mark.parametrize("content", [b"", b"barcode,CD3E\nAAAC-1,3\n"])
+def test_empty_or_non_hdf5_input(tmp_path, content):
+    path = tmp_path / "cells.h5ad"
+    path.write_bytes(content)
+    for args in (["info", path], ["train", "--in", path, "--out", tmp_path / "run"]):
+        assert_user_error(run(*args), str(path), "is not an HDF5 file")
+
+
+def test_truncated_h5ad(tmp_path, counts_h5ad):
+    data = counts_h5ad.read_bytes()
+    path = tmp_path / "half.h5ad"
+    path.write_bytes(data[: len(data) // 2])
+    assert_user_error(run("info", path), "half.h5ad", "truncated")
+
+
+def test_missing_input_file(tmp_path):
+    assert_user_error(run("info", tmp_path / "nope.h5ad"), "nope.h5ad", "no such file")
+
+
+def test_info_reports_data_file(tmp_path):
+    adata = make_counts()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.copy()
+    adata.X.data = np.log1p(adata.X.data)
+    path = write(adata, tmp_path / "cells.h5ad")
+    result = run("info", "--json", path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout carries the report only
+    assert (report["n_cells"], report["n_genes"]) == (120, 60)
+    assert report["X"]["integer_counts"] is False and report["layers"]["counts"]["integer_counts"] is True
+    assert report["X"]["nnz"] == adata.X.nnz
+    assert report["obs"]["cell_type"]["levels"] == {"A": 60, "B": 60}
+    text = run("info", path).stdout
+    assert "NOT counts (non-integer values)" in text and "condition (2 levels)" in text
+
+
+# --- train, info, simulate on a trained model --------------------------------------------------
+
+def test_train_cli_with_config_then_info(tmp_path, counts_h5ad):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model]\nn_layers = 1\n\n[train]\nmax_steps = 2\nbatch_size = 16\n")
+    out = tmp_path / "run"
+    result = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type",
+                 "--perturbation-key", "condition", "--control", "control", "--config", cfg,
+                 "--max-steps", "3", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    report = json.loads(run("info", "--json", out).stdout)
+    assert report["steps"] == 3  # the flag beats the TOML file
+    assert report["model_config"]["n_layers"] == 1 and report["train_config"]["batch_size"] == 16
+    assert report["vocab_sizes"] == {"cell_type": 2, "condition": 2}
+    # a second train into the same run directory needs --resume
+    again = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type")
+    assert_user_error(again, "already holds a model", "--resume")
+
+
+def test_train_rejects_unknown_config_setting(tmp_path, counts_h5ad):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[train]\nlearning_rate = 1e-3\n")
+    result = run("train", "--in", counts_h5ad, "--out", tmp_path / "run", "--config", cfg)
+    assert_user_error(result, "unknown TrainConfig setting(s): learning_rate")
+
+
+def test_train_resume_continues_run(tmp_path, counts_h5ad):
+    out = tmp_path / "run"
+    first = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type",
+                "--max-steps", "2", "--device", "cpu", "--quiet")
+    assert first.exit_code == 0, first.output
+    second = run("train", "--in", counts_h5ad, "--out", out, "--resume", "--max-steps", "4",
+                 "--device", "cpu", "--quiet")
+    assert second.exit_code == 0, second.output
+    assert json.loads(run("info", "--json", out).stdout)["steps"] == 4
+
+
+def test_info_reports_model(model_dir):
+    result = run("info", model_dir)
+    assert result.exit_code == 0, result.output
+    assert "60 genes" in result.stdout and "condition (perturbation; control: control): 2 labels" in result.stdout
+
+
+def test_simulate_perturbs_cells_h5mu_in_and_out(tmp_path, model_dir, counts_adata):
+    cells = tmp_path / "cells.h5mu"
+    from lingshu.io import write_cells
+
+    write_cells(counts_adata[:10].copy(), cells)
+    out = tmp_path / "sim.h5mu"
+    result = run("simulate", "--in", cells, "--perturb", "stim", "--model", model_dir, "--out", out,
+                 "--n-per-cell", "2", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    from lingshu.io import read_cells
+
+    sim = read_cells(out)
+    assert sim.n_obs == 20 and list(sim.var_names) == list(counts_adata.var_names)
+    assert set(sim.obs["condition"].astype(str)) == {"stim"}
+    assert list(sim.obs["cell_type"].astype(str)) == list(np.repeat(counts_adata.obs["cell_type"][:10].astype(str), 2))
+    assert np.all(sim.X.data == np.round(sim.X.data))
+
+
+def test_simulate_generates_cells(tmp_path, model_dir):
+    out = tmp_path / "gen.h5ad"
+    result = run("simulate", "--model", model_dir, "--n-cells", "7", "--condition", "cell_type=B",
+                 "--out", out, "--steps", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    gen = ad.read_h5ad(out)
+    assert gen.n_obs == 7 and set(gen.obs["cell_type"].astype(str)) == {"B"}
+
+
+def test_unknown_perturbation_lists_known_and_closest(tmp_path, model_dir, counts_h5ad):
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "Stim", "--model", model_dir,
+                 "--out", tmp_path / "sim.h5ad")
+    assert_user_error(result, "perturbation 'Stim'", "known: control, stim", "closest: stim")
+    assert not (tmp_path / "sim.h5ad").exists()
+
+
+def test_unknown_context_value(tmp_path, model_dir):
+    adata = make_counts()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace({"B": "b_cells"})
+    path = write(adata, tmp_path / "cells.h5ad")
+    result = run("simulate", "--in", path, "--perturb", "stim", "--model", model_dir, "--out", tmp_path / "sim.h5ad")
+    assert_user_error(result, "cell_type value 'b_cells'", "known: A, B")
+    bad = run("simulate", "--model", model_dir, "--n-cells", "3", "--condition", "donor=d1",
+              "--out", tmp_path / "gen.h5ad")
+    assert_user_error(bad, "'donor' is not a condition", "known: cell_type, condition")
+
+
+def test_model_of_another_format_version(tmp_path, model_dir, counts_h5ad):
+    other = tmp_path / "old_model"
+    shutil.copytree(model_dir, other)
+    manifest = json.loads((other / "lingshu.json").read_text())
+    manifest["format_version"] = 999
+    (other / "lingshu.json").write_text(json.dumps(manifest))
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", other, "--out", tmp_path / "s.h5ad")
+    assert_user_error(result, "format_version 999")
+    assert_user_error(run("info", other), "format_version 999")
+
+
+def test_existing_out_without_overwrite_is_untouched(tmp_path, model_dir, counts_h5ad):
+    out = tmp_path / "sim.h5ad"
+    out.write_bytes(b"keep me")
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out)
+    assert_user_error(result, "sim.h5ad exists; pass --overwrite")
+    assert out.read_bytes() == b"keep me"
+    ok = run("simulate", "--model", model_dir, "--n-cells", "2", "--out", out, "--overwrite", "--steps", "2")
+    assert ok.exit_code == 0, ok.output
+    assert ad.read_h5ad(out).n_obs == 2
+
+
+@pytest.mark.parametrize("exc, code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130)])
+def test_failed_or_interrupted_write_leaves_nothing(tmp_path, model_dir, monkeypatch, exc, code):
+    def broken_write(self, filename, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x89HDF\r\n\x1a\npartial")
+        raise exc
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken_write)
+    out_dir = tmp_path / "outputs"
+    result = run("simulate", "--model", model_dir, "--n-cells", "2", "--steps", "2", "--out", out_dir / "gen.h5ad")
+    assert result.exit_code == code, result.output
+    if code == 1:
+        assert_user_error(result, "No space left on device")
+    assert "Traceback" not in result.output
+    assert list(out_dir.iterdir()) == []
+
+
+def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
+    out = tmp_path / "x.h5ad"
+    assert_user_error(run("simulate", "--model", model_dir, "--out", out), "nothing to do")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--model", model_dir, "--out", out), "--perturb")
+    assert_user_error(run("simulate", "--model", model_dir, "--n-cells", "3", "--condition", "cell_type",
+                          "--out", out), "KEY=VALUE")
+    assert_user_error(run("simulate", "--model", model_dir, "--n-cells", "3", "--out", tmp_path / "x.csv"),
+                      "unknown extension '.csv'")
+    assert_user_error(run("simulate", "--model", tmp_path / "nomodel", "--n-cells", "3", "--out", out), "nomodel")
+
+
+def test_demo_quick(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    result = run("demo", "--out", out, "--quick", "--max-steps", "3", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    gen = ad.read_h5ad(out / "generated.h5ad")
+    real_counts = make_real_counts()
+    assert gen.n_obs == 700
+    assert gen.obs["cell_type"].astype(str).value_counts().to_dict() == real_counts
+    assert (out / "model" / "lingshu.json").is_file()
+    assert sp.issparse(gen.X)
+    try:
+        from lingshu.metrics import distribution_report  # noqa: F401  (the demo skips scoring without it)
+    except ImportError:
+        assert not (out / "metrics.csv").exists()
+    else:
+        assert (out / "metrics.csv").is_file()
+    assert_user_error(run("demo", "--out", out, "--quick"), "already holds demo outputs", "--overwrite")
+
+
+def make_real_counts() -> dict[str, int]:
+    from lingshu.datasets import pbmc68k_counts
+
+    return pbmc68k_counts().obs["cell_type"].astype(str).value_counts().to_dict()
