@@ -1,0 +1,4 @@
+library(testthat)
+library(lingshu)
+
+test_check("lingshu")
