@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from ._common import console, friendly, parse_conditions, resolve_device, setup
+from .evaluate import evaluate
 
 app = typer.Typer(
     name="lingshu",
@@ -277,6 +278,9 @@ def demo(
     progress = setup(quiet)
     run_demo(out, max_steps=max_steps, quick=quick, device=resolve_device(device), overwrite=overwrite,
              progress=progress)
+
+
+app.command()(evaluate)
 
 
 def main() -> None:
