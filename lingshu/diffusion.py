@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .schedule import loss_weight
 from .tokenizer import MASK_ID
 
-__all__ = ["sample_t", "mask_tokens", "drop_conditions", "diffusion_loss"]
+__all__ = ["sample_t", "mask_tokens", "drop_conditions", "subsample_mask", "diffusion_loss"]
 
 
 def sample_t(batch: int, generator: torch.Generator, device: torch.device, eps: float = 1e-3) -> torch.Tensor:
@@ -44,8 +44,24 @@ def drop_conditions(cond: torch.Tensor, p: float, generator: torch.Generator) ->
     return cond.masked_fill(drop, 0)
 
 
+def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep at most ``budget`` masked genes per cell, uniformly at random.
+
+    Returns the kept positions ``(B, G)`` and per-cell weights ``n_masked / n_kept`` that make
+    the subsampled loss an unbiased estimate of the loss over every masked gene.
+    """
+    n_masked = mask.sum(1)  # (B,)
+    if int(n_masked.max()) <= budget:
+        return mask, torch.ones(mask.shape[0], device=mask.device)
+    score = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, -1.0)
+    thresh = score.topk(budget, dim=1).values[:, -1:]  # (B, 1): budget-th largest score
+    kept = mask & (score >= thresh)
+    return kept, n_masked / kept.sum(1).clamp(min=1)
+
+
 def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-                   t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   t: torch.Tensor | None = None,
+                   loss_genes: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``1/t``-weighted cross-entropy on masked genes, averaged per gene and cell.
 
     The output head runs only on masked positions, so memory is
@@ -63,6 +79,10 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
         Source of the times and masks.
     t
         Optional fixed times ``(B,)`` (validation uses a fixed grid).
+    loss_genes
+        If set, at most this many masked genes per cell enter the head and the loss,
+        reweighted so the estimate stays unbiased (see :func:`subsample_mask`). The
+        denoiser still sees every gene; this only bounds the ``genes x 281`` head cost.
 
     Returns
     -------
@@ -77,10 +97,11 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
         t = sample_t(b, generator, x0.device)
     xt, mask = mask_tokens(x0, t, generator)
     h = denoiser.hidden(xt, cond)  # (B, G, D)
-    rows = mask.nonzero(as_tuple=True)
+    scored, ratio = (mask, None) if loss_genes is None else subsample_mask(mask, loss_genes, generator)
+    rows = scored.nonzero(as_tuple=True)
     logits = denoiser.head_logits(h[rows])  # (M, V)
     ce = F.cross_entropy(logits.float(), x0[rows], reduction="none")  # (M,)
-    w = loss_weight(t)[rows[0]]
+    w = loss_weight(t)[rows[0]] if ratio is None else (loss_weight(t) * ratio)[rows[0]]
     loss = (ce * w).sum() / (b * g)
-    stats = {"masked_ce": ce.detach().sum() / mask.sum().clamp(min=1), "mask_rate": mask.detach().float().mean()}
+    stats = {"masked_ce": ce.detach().sum() / scored.sum().clamp(min=1), "mask_rate": mask.detach().float().mean()}
     return loss, stats

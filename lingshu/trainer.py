@@ -171,7 +171,7 @@ class Trainer:
             x0, cond = x0.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
             cond = drop_conditions(cond, cfg.cond_dropout, self.generator)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, _ = diffusion_loss(self.model, x0, cond, self.generator)
+                loss, _ = diffusion_loss(self.model, x0, cond, self.generator, loss_genes=cfg.loss_genes)
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             self.history.cells_seen += len(x0)

@@ -95,3 +95,32 @@ def test_paper_preset_size():
     n_block = sum(p.numel() for p in m.blocks.parameters())
     assert 80e6 < n_block < 90e6  # the published ~85M parameters in the blocks
     assert m.n_groups == 565  # 18,080 genes / 32
+
+
+def test_subsampled_loss_is_unbiased_and_bounded():
+    from lingshu.diffusion import subsample_mask
+    m = _model(n_genes=200)
+    x0 = torch.randint(0, 5, (6, 200))
+    cond = torch.zeros(6, 2, dtype=torch.long)
+    t = torch.full((6,), 0.6)
+    full, _ = diffusion_loss(m, x0, cond, torch.Generator().manual_seed(0), t=t)
+    seen = []
+    h = m.head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    est = torch.stack([diffusion_loss(m, x0, cond, torch.Generator().manual_seed(0), t=t, loss_genes=20)[0]
+                       for _ in range(1)])
+    h.remove()
+    assert seen == [6 * 20]  # the head ran on exactly the budget
+    # averaged over subsamples (same masks, different subsets) the estimate matches the full loss
+    g = torch.Generator().manual_seed(0)
+    _, mask = mask_tokens(x0, t, torch.Generator().manual_seed(0))
+    ests = []
+    for _ in range(300):
+        kept, ratio = subsample_mask(mask, 20, g)
+        assert torch.all(kept.sum(1) == 20) and torch.all(kept <= mask)
+        ests.append(kept.float() * ratio[:, None])  # (B, G) weight each gene gets in this draw
+    mean_w = torch.stack(ests).mean(0)
+    # every masked gene is scored with expected weight 1 (uniform inclusion), unmasked never
+    assert torch.all(mean_w[~mask] == 0)
+    assert torch.allclose(mean_w[mask], torch.ones_like(mean_w[mask]), atol=0.6)
+    assert abs(mean_w[mask].mean().item() - 1) < 0.02
+    assert torch.isfinite(est).all() and abs(est.item() - full.item()) / full.item() < 0.5
