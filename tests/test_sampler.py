@@ -66,8 +66,9 @@ def test_guided_logits_follow_the_formula():
 
 
 def test_draws_follow_the_categorical():
-    from lingshu.sampler import gumbel_draw
-    p = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
-    draws = gumbel_draw(p.log().expand(20000, 3), torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=3).double() / 20000
+    from lingshu.sampler import categorical_draw
+    p = torch.tensor([0.7, 0.2, 0.1, 0.0], dtype=torch.float64)
+    draws = categorical_draw((p.log() + 5.0).expand(20000, 4), torch.Generator().manual_seed(0))  # unnormalised
+    assert draws.max() < 3  # a zero-probability category is never drawn
+    freq = torch.bincount(draws, minlength=4).double() / 20000
     assert torch.allclose(freq, p, atol=0.015)
