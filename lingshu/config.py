@@ -18,6 +18,7 @@ __all__ = [
     "SampleConfig",
     "PRESETS",
     "preset",
+    "resolve_group_size",
     "to_dict",
     "from_dict",
 ]
@@ -46,6 +47,10 @@ class ModelConfig:
         Width ``D`` of each gene's value embedding before grouping.
     group_size
         Number of genes ``S`` flattened into one transformer token (``S * D -> d_model``).
+    max_tokens
+        If set, ``group_size`` grows (when the model is built for a gene set) so that the
+        genes fit in at most this many transformer tokens; CPU presets use it to keep
+        attention affordable on whole transcriptomes. ``None``: ``group_size`` as given.
     rope_base
         Base of the rotary position embedding.
     dropout
@@ -60,6 +65,7 @@ class ModelConfig:
     d_ff: int = 256
     gene_dim: int = 8
     group_size: int = 16
+    max_tokens: int | None = None
     rope_base: float = 10000.0
     dropout: float = 0.0
     gene_seed: int = 0
@@ -71,6 +77,7 @@ class ModelConfig:
                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         _check((self.d_model // self.n_heads) % 2 == 0,
                f"ModelConfig head width d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
@@ -101,6 +108,10 @@ class TrainConfig:
         Fraction of cells held out for the validation loss (at most 2,000 cells).
     val_every, checkpoint_every, log_every
         Intervals in optimizer steps (0 disables periodic checkpoints).
+    loss_genes
+        At most this many masked genes per cell enter the output head and the loss,
+        reweighted to stay unbiased; ``None`` scores every masked gene (published).
+        Bounds the ``genes x 281`` head cost on CPUs for whole-transcriptome data.
     seed
         Seed of the train/validation split, data order, masking and dropout.
     device
@@ -122,6 +133,7 @@ class TrainConfig:
     val_every: int = 100
     checkpoint_every: int = 0
     log_every: int = 25
+    loss_genes: int | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -135,6 +147,7 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         _check(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        _check(self.loss_genes is None or self.loss_genes >= 1, f"loss_genes must be >= 1 or None, got {self.loss_genes}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -190,13 +203,15 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, gene_dim=8, group_size=16),
-        TrainConfig(max_steps=400, batch_size=64, lr=3e-3, warmup_steps=40, ema_decay=0.99, val_every=100),
+        ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, gene_dim=8, group_size=16, max_tokens=256),
+        TrainConfig(max_steps=400, batch_size=64, lr=3e-3, warmup_steps=40, ema_decay=0.99, val_every=100,
+                    loss_genes=1024),
         "CPU, about a minute for a few thousand cells x genes",
     ),
     "small": Preset(
-        ModelConfig(n_layers=4, d_model=128, n_heads=4, d_ff=512, gene_dim=16, group_size=32),
-        TrainConfig(max_steps=1500, batch_size=48, lr=1e-3, warmup_steps=100, ema_decay=0.995, val_every=250),
+        ModelConfig(n_layers=4, d_model=128, n_heads=4, d_ff=512, gene_dim=16, group_size=32, max_tokens=512),
+        TrainConfig(max_steps=1500, batch_size=48, lr=1e-3, warmup_steps=100, ema_decay=0.995, val_every=250,
+                    loss_genes=2048),
         "CPU, under ~10 minutes for a few thousand cells x genes",
     ),
     "base": Preset(
@@ -219,6 +234,13 @@ def preset(name: str) -> Preset:
         raise LingshuError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
     return Preset(dataclasses.replace(p.model), dataclasses.replace(p.train), p.description)
+
+
+def resolve_group_size(cfg: ModelConfig, n_genes: int) -> ModelConfig:
+    """``cfg`` with ``group_size`` raised so ``n_genes`` fit in ``cfg.max_tokens`` tokens."""
+    if cfg.max_tokens is None:
+        return cfg
+    return dataclasses.replace(cfg, group_size=max(cfg.group_size, -(-n_genes // cfg.max_tokens)))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

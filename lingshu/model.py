@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, to_dict
+from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, resolve_group_size, to_dict
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
@@ -79,7 +79,7 @@ class LingshuModel:
         if control is not None:
             check_labels([control], vocab.labels[perturbation_key], f"control label in {perturbation_key!r}")
         p = get_preset(preset)
-        model_cfg = dataclasses.replace(config or p.model, gene_seed=seed)
+        model_cfg = resolve_group_size(dataclasses.replace(config or p.model, gene_seed=seed), len(genes))
         self._setup(genes, vocab, context_keys, perturbation_key, control, model_cfg, CountTokenizer().fit(x, seed))
         self.preset, self.train_config = preset, p.train
         self._x, self._cond = x, vocab.encode(adata.obs)
