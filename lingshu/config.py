@@ -51,6 +51,10 @@ class ModelConfig:
         If set, ``group_size`` grows (when the model is built for a gene set) so that the
         genes fit in at most this many transformer tokens; CPU presets use it to keep
         attention affordable on whole transcriptomes. ``None``: ``group_size`` as given.
+    cond_broadcast
+        Also add every condition embedding to each gene-group token (besides the
+        prepended condition tokens of the published design), so conditions reach every
+        group directly rather than only through attention.
     rope_base
         Base of the rotary position embedding.
     dropout
@@ -66,6 +70,7 @@ class ModelConfig:
     gene_dim: int = 8
     group_size: int = 16
     max_tokens: int | None = None
+    cond_broadcast: bool = True
     rope_base: float = 10000.0
     dropout: float = 0.0
     gene_seed: int = 0

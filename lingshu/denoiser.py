@@ -160,6 +160,8 @@ class Denoiser(nn.Module):
         x = self.group_in(e.reshape(b, self.n_groups, s * d))  # (B, T, C)
         if self.n_cond:
             c_tok = torch.stack([emb(cond[:, k]) for k, emb in enumerate(self.cond_emb)], dim=1)  # (B, K, C)
+            if self.cfg.cond_broadcast:
+                x = x + c_tok.sum(1, keepdim=True).to(x.dtype)  # (B, T, C): every group sees the conditions
             x = torch.cat([c_tok.to(x.dtype), x], dim=1)  # (B, K+T, C)
         cos, sin = self.rope(x.shape[1], x.device)
         for block in self.blocks:
