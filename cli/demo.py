@@ -37,7 +37,7 @@ def run_demo(out: Path, *, max_steps: int | None, quick: bool, device: str, over
                   f"{real.obs['cell_type'].nunique()} cell types", markup=False, highlight=False)
     model = LingshuModel(real, context_keys=["cell_type"], preset="tiny", seed=0)
     history = model.train(max_steps=max_steps, device=device, progress=progress)
-    console.print(f"trained {history.get('steps', '?')} steps in {history.get('seconds', 0.0):.1f} s",
+    console.print(f"trained {history.get('step', '?')} steps in {history.get('seconds', 0.0):.1f} s",
                   markup=False, highlight=False)
 
     counts = real.obs["cell_type"].astype(str).value_counts()
