@@ -110,11 +110,10 @@ def train(
     console.print(f"training on {adata.n_obs:,} cells x {adata.n_vars:,} genes ({preset}, {device})",
                   markup=False, highlight=False)
     history = model.train(train_cfg, max_steps=max_steps, device=device, out_dir=out, resume=resume,
-                          progress=progress)
-    model.save(out)
+                          progress=progress)  # writes the final checkpoint to `out`
     loss = history.get("val_loss") or history.get("train_loss") or []
     last = f", last loss {_last(loss):.4f}" if loss else ""
-    steps = history.get("steps", history.get("step", "?"))
+    steps = history.get("step", "?")
     console.print(f"saved model to {out} after {steps} steps ({history.get('seconds', 0.0):.1f} s{last})",
                   markup=False, highlight=False)
 
