@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .schedule import loss_weight
 from .tokenizer import MASK_ID
 
-__all__ = ["sample_t", "mask_tokens", "drop_conditions", "subsample_mask", "diffusion_loss"]
+__all__ = ["sample_t", "mask_tokens", "drop_conditions", "subsample_mask", "diffusion_loss", "Noise", "draw_noise"]
 
 
 def sample_t(batch: int, generator: torch.Generator, device: torch.device, eps: float = 1e-3) -> torch.Tensor:
@@ -22,8 +24,41 @@ def sample_t(batch: int, generator: torch.Generator, device: torch.device, eps: 
     return eps + (1.0 - eps) * t
 
 
-def mask_tokens(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each gene of cell ``i`` independently with probability ``t[i]``.
+@dataclass
+class Noise:
+    """Every random draw of one training micro-batch, drawn for the whole global batch.
+
+    Data-parallel ranks draw the same global noise from the same generator and each
+    keeps its own rows (:meth:`rows`), so N processes see exactly the masks, times and
+    condition dropout that one process would for the same global batch.
+    """
+
+    t: torch.Tensor  # (B,) times
+    mask_u: torch.Tensor  # (B, G) uniforms: gene masked where u < t
+    drop_u: torch.Tensor | None = None  # (B, K) uniforms for condition dropout
+    keep_u: torch.Tensor | None = None  # (B, G) uniforms ranking masked genes for the loss subsample
+
+    def rows(self, sl: slice) -> "Noise":
+        """The draws of a subset of the batch's cells."""
+        return Noise(self.t[sl], self.mask_u[sl], None if self.drop_u is None else self.drop_u[sl],
+                     None if self.keep_u is None else self.keep_u[sl])
+
+
+def draw_noise(batch: int, genes: int, keys: int, generator: torch.Generator, device: torch.device, *,
+               cond_dropout: float = 0.0, loss_genes: int | None = None) -> Noise:
+    """Draw a micro-batch's times, mask uniforms, dropout and loss-subsample uniforms."""
+    t = sample_t(batch, generator, device)
+    mask_u = torch.rand((batch, genes), generator=generator, device=device)
+    drop_u = (torch.rand((batch, keys), generator=generator, device=device)
+              if cond_dropout > 0 and keys > 0 else None)
+    keep_u = (torch.rand((batch, genes), generator=generator, device=device)
+              if loss_genes is not None and loss_genes < genes else None)
+    return Noise(t, mask_u, drop_u, keep_u)
+
+
+def mask_tokens(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each gene of cell ``i`` independently with probability ``t[i]`` (``u``: given uniforms).
 
     Returns
     -------
@@ -32,19 +67,25 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -
     mask
         ``(B, G)`` bool, True where masked.
     """
-    mask = torch.rand(x0.shape, generator=generator, device=x0.device) < t[:, None]
+    if u is None:
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    mask = u < t[:, None]
     return torch.where(mask, torch.full_like(x0, MASK_ID), x0), mask
 
 
-def drop_conditions(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def drop_conditions(cond: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                    u: torch.Tensor | None = None) -> torch.Tensor:
     """Replace each condition id by the null id 0 with probability ``p`` (per cell and key)."""
     if p <= 0 or cond.numel() == 0:
         return cond
-    drop = torch.rand(cond.shape, generator=generator, device=cond.device) < p
+    if u is None:
+        u = torch.rand(cond.shape, generator=generator, device=cond.device)
+    drop = u < p
     return cond.masked_fill(drop, 0)
 
 
-def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator | None = None,
+                   u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep at most ``budget`` masked genes per cell, uniformly at random.
 
     Returns the kept positions ``(B, G)`` and per-cell weights ``n_masked / n_kept`` that make
@@ -53,15 +94,17 @@ def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator) 
     n_masked = mask.sum(1)  # (B,)
     if int(n_masked.max()) <= budget:
         return mask, torch.ones(mask.shape[0], device=mask.device)
-    score = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, -1.0)
+    if u is None:
+        u = torch.rand(mask.shape, generator=generator, device=mask.device)
+    score = u.masked_fill(~mask, -1.0)
     thresh = score.topk(budget, dim=1).values[:, -1:]  # (B, 1): budget-th largest score
     kept = mask & (score >= thresh)
     return kept, n_masked / kept.sum(1).clamp(min=1)
 
 
-def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-                   t: torch.Tensor | None = None,
-                   loss_genes: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+                   t: torch.Tensor | None = None, loss_genes: int | None = None, noise: Noise | None = None,
+                   denom: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``1/t``-weighted cross-entropy on masked genes, averaged per gene and cell.
 
     The output head runs only on masked positions, so memory is
@@ -76,9 +119,15 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
     cond
         ``(B, K)`` condition ids (0 = null).
     generator
-        Source of the times and masks.
+        Source of the times and masks (unless ``noise`` is given).
     t
         Optional fixed times ``(B,)`` (validation uses a fixed grid).
+    noise
+        Pre-drawn times, mask and subsample uniforms (see :func:`draw_noise`); condition
+        dropout is applied by the caller.
+    denom
+        Number of cells the loss is normalised by (default ``B``); a data-parallel rank
+        holding ``B / world`` cells of a global batch passes ``B_global / world``.
     loss_genes
         If set, at most this many masked genes per cell enter the head and the loss,
         reweighted so the estimate stays unbiased (see :func:`subsample_mask`). The
@@ -93,15 +142,18 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
         ``mask_rate`` (fraction of genes masked).
     """
     b, g = x0.shape
-    if t is None:
+    if noise is not None:
+        t = noise.t
+    elif t is None:
         t = sample_t(b, generator, x0.device)
-    xt, mask = mask_tokens(x0, t, generator)
+    xt, mask = mask_tokens(x0, t, generator, u=None if noise is None else noise.mask_u)
     h = denoiser.hidden(xt, cond)  # (B, G, D)
-    scored, ratio = (mask, None) if loss_genes is None else subsample_mask(mask, loss_genes, generator)
+    scored, ratio = (mask, None) if loss_genes is None else subsample_mask(
+        mask, loss_genes, generator, u=None if noise is None else noise.keep_u)
     rows = scored.nonzero(as_tuple=True)
     logits = denoiser.head_logits(h[rows])  # (M, V)
     ce = F.cross_entropy(logits.float(), x0[rows], reduction="none")  # (M,)
     w = loss_weight(t)[rows[0]] if ratio is None else (loss_weight(t) * ratio)[rows[0]]
-    loss = (ce * w).sum() / (b * g)
+    loss = (ce * w).sum() / ((b if denom is None else denom) * g)
     stats = {"masked_ce": ce.detach().sum() / scored.sum().clamp(min=1), "mask_rate": mask.detach().float().mean()}
     return loss, stats

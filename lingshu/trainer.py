@@ -3,10 +3,17 @@
 The batch of micro-step ``i`` is a pure function of the data seed and ``i``, and the
 masking generator's state is saved with the optimizer, so a resumed run on the CPU
 continues bit for bit.
+
+Under ``torchrun`` the model is wrapped in DistributedDataParallel: every rank builds the
+same global micro-batch and the same noise (:func:`lingshu.diffusion.draw_noise`), reads
+and trains on its own strided share of the cells, and the averaged gradient equals the
+single-process gradient of that global batch. Only rank 0 validates, logs and writes
+checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -15,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
 from .data import BatchStream
-from .diffusion import diffusion_loss, drop_conditions
+from .diffusion import Noise, diffusion_loss, draw_noise, drop_conditions
+from .distributed import DistInfo, info as dist_info
 from .progress import progress_bar
 
 __all__ = ["Trainer", "TrainHistory", "lr_at", "resolve_device"]
@@ -44,6 +53,18 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
         return cfg.lr * (step + 1) / warm
     frac = (step - warm) / max(max_steps - warm, 1)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+class _Objective(torch.nn.Module):
+    """The loss as a module's ``forward``, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x0: torch.Tensor, cond: torch.Tensor, noise: Noise, loss_genes: int | None,
+                denom: float) -> torch.Tensor:
+        return diffusion_loss(self.denoiser, x0, cond, noise=noise, loss_genes=loss_genes, denom=denom)[0]
 
 
 @dataclass
@@ -86,15 +107,28 @@ class Trainer:
         Called as ``on_checkpoint(trainer)`` every ``cfg.checkpoint_every`` steps and at the end.
     progress
         Show a rich progress bar.
+    dist
+        Rank and world size (default: from ``torch.distributed``); with ``world > 1`` each
+        rank trains on its share of every global batch of ``cfg.batch_size`` cells.
     """
 
     def __init__(self, denoiser: torch.nn.Module, stream: BatchStream, cfg: TrainConfig, device: torch.device, *,
                  val_stream: BatchStream | None = None,
-                 on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = False) -> None:
+                 on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = False,
+                 dist: DistInfo | None = None) -> None:
         if cfg.max_steps is None:
             raise ValueError("TrainConfig.max_steps must be resolved before training")
-        self.cfg, self.device, self.progress = cfg, device, progress
+        self.dist = dist or dist_info()
+        if stream.batch_size < self.dist.world:
+            from .errors import LingshuError
+            raise LingshuError(f"batch size {stream.batch_size} is smaller than the {self.dist.world} processes")
+        self.cfg, self.device, self.progress = cfg, device, progress and self.dist.is_main
         self.model = denoiser.to(device)
+        self.objective: torch.nn.Module = _Objective(self.model)
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.stream, self.val_stream, self.on_checkpoint = stream, val_stream, on_checkpoint
         decay, no_decay = [], []
@@ -166,15 +200,27 @@ class Trainer:
             group["lr"] = lr_at(step, cfg, cfg.max_steps)
         self.model.train()
         total = torch.zeros((), device=self.device)
+        share = self.dist.share(self.stream.batch_size)
         for a in range(cfg.grad_accum):
-            x0, cond = self.stream.batch(step * cfg.grad_accum + a)
+            rows = np.sort(self.stream.rows(step * cfg.grad_accum + a))
+            noise = draw_noise(len(rows), self.stream.n_genes, self.stream.n_keys, self.generator, self.device,
+                               cond_dropout=cfg.cond_dropout, loss_genes=cfg.loss_genes)
+            if self.dist.active:
+                rows, noise = rows[share], noise.rows(share)
+            x0, cond = self.stream.take(rows)
             x0, cond = x0.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
-            cond = drop_conditions(cond, cfg.cond_dropout, self.generator)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, _ = diffusion_loss(self.model, x0, cond, self.generator, loss_genes=cfg.loss_genes)
-            (loss / cfg.grad_accum).backward()
+            cond = drop_conditions(cond, cfg.cond_dropout, u=noise.drop_u)
+            denom = len(noise.t) if not self.dist.active else self.stream.batch_size / self.dist.world
+            sync = (not self.dist.active or a == cfg.grad_accum - 1)
+            with (contextlib.nullcontext() if sync else self.objective.no_sync()):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss = self.objective(x0, cond, noise, cfg.loss_genes, denom)
+                (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
-            self.history.cells_seen += len(x0)
+            self.history.cells_seen += self.stream.batch_size
+        if self.dist.active:
+            torch.distributed.all_reduce(total)
+            total /= self.dist.world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -201,16 +247,17 @@ class Trainer:
                         raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
                     self.history.train_loss.append((step, round(loss, 5)))
                     bar.update(info=f"loss {loss:.4f}")
-                if self.val_stream is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                if self.val_stream is not None and self.dist.is_main and \
+                        (step % cfg.val_every == 0 or step == cfg.max_steps):
                     v = self.validation_loss()
                     self.history.val_loss.append((step, round(v, 5)))
                     log.info("step %d  val loss %.4f  (%.1f cells/s)", step, v,
                              self.history.cells_seen / max(self.history.seconds, 1e-9))
-                if self.on_checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                        and step < cfg.max_steps:
+                if self.on_checkpoint and self.dist.is_main and cfg.checkpoint_every \
+                        and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     self.on_checkpoint(self)
                 bar.advance()
         self.history.seconds = time.perf_counter() - t0
-        if self.on_checkpoint:
+        if self.on_checkpoint and self.dist.is_main:
             self.on_checkpoint(self)
         return self.history
