@@ -54,7 +54,8 @@ def _train_configs(preset_name: str, config_file: Path | None, overrides: dict[s
 @app.command()
 @friendly
 def train(
-    input: Annotated[Path, typer.Option("--in", help="Training cells (.h5ad, 10x .h5, .h5mu) with raw counts.")],
+    input: Annotated[list[Path], typer.Option(
+        "--in", help="Training cells (.h5ad, 10x .h5, .h5mu) with raw counts; repeat for several shards.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory for the model and checkpoints.")],
     context_key: Annotated[list[str] | None, typer.Option(
         "--context-key", metavar="KEY", help="obs column to condition on (repeatable), e.g. cell_type.")] = None,
@@ -74,16 +75,26 @@ def train(
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML file with [model] and [train] settings.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Read cells from disk in blocks instead of loading them (automatic for several --in).")] = False,
+    shuffle_buffer: Annotated[int, typer.Option(
+        "--shuffle-buffer", help="With --stream: blocks of 1,024 cells mixed per shuffle buffer.")] = 16,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="Data-parallel processes on this machine (launches torchrun; one per GPU).")] = 1,
     quiet: Quiet = False,
 ) -> None:
     """Train a model on count data and save it to --out."""
-    from lingshu import LingshuModel
+    from lingshu import LingshuModel, distributed
     from lingshu.errors import LingshuError
     from lingshu.io import read_cells
     from lingshu.validation import require_obs_keys
 
-    progress = setup(quiet)
-    device = resolve_device(device)
+    if nproc < 1:
+        raise LingshuError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        _relaunch_with_torchrun(nproc)
+    dist, device = distributed.init(resolve_device(device))
+    progress = setup(quiet or not dist.is_main)
     context_keys = list(context_key or [])
     if control is not None and perturbation_key is None:
         raise LingshuError("--control needs --perturbation-key (the obs column it is a label of)")
@@ -95,7 +106,9 @@ def train(
     if out.exists() and not out.is_dir():
         raise LingshuError(f"--out {out} is a file; give a directory")
 
-    adata = read_cells(input, layer=layer)
+    if not input:
+        raise LingshuError("give the training cells with --in")
+    stream = stream or len(input) > 1
     model_cfg, train_cfg = _train_configs(
         preset, config, {"max_steps": max_steps, "batch_size": batch_size, "seed": seed, "device": device})
     if resume:
@@ -104,18 +117,54 @@ def train(
         _check_same_keys(saved, context_keys, perturbation_key, control)
         context_keys, perturbation_key, control = saved.context_keys, saved.perturbation_key, saved.control
         preset, model_cfg, seed = saved.preset, saved.model_config, saved.model_config.gene_seed
-    require_obs_keys(adata, context_keys + ([perturbation_key] if perturbation_key else []))
-    model = LingshuModel(adata, context_keys=context_keys, perturbation_key=perturbation_key,
-                         control=control, preset=preset, config=model_cfg, layer=layer, seed=seed)
-    console.print(f"training on {adata.n_obs:,} cells x {adata.n_vars:,} genes ({preset}, {device})",
-                  markup=False, highlight=False)
+    keys = dict(context_keys=context_keys, perturbation_key=perturbation_key, control=control, preset=preset,
+                config=model_cfg, layer=layer, seed=seed)
+    if stream:
+        if shuffle_buffer < 1:
+            raise LingshuError(f"--shuffle-buffer must be >= 1, got {shuffle_buffer}")
+        model = LingshuModel.from_files(input, buffer=shuffle_buffer, **keys)
+        n_cells, n_genes = model._x.shape
+    else:
+        adata = read_cells(input[0], layer=layer)
+        require_obs_keys(adata, context_keys + ([perturbation_key] if perturbation_key else []))
+        model = LingshuModel(adata, **keys)
+        n_cells, n_genes = adata.n_obs, adata.n_vars
+    where = f"{device}" + (f" x {dist.world} processes" if dist.active else "")
+    if dist.is_main:
+        console.print(f"training on {n_cells:,} cells x {n_genes:,} genes ({preset}, {where})",
+                      markup=False, highlight=False)
     history = model.train(train_cfg, max_steps=max_steps, device=device, out_dir=out, resume=resume,
-                          progress=progress)  # writes the final checkpoint to `out`
+                          progress=progress)  # rank 0 writes the final checkpoint to `out`
+    distributed.barrier()
+    distributed.shutdown()
+    if not dist.is_main:
+        return
     loss = history.get("val_loss") or history.get("train_loss") or []
     last = f", last loss {_last(loss):.4f}" if loss else ""
     steps = history.get("step", "?")
     console.print(f"saved model to {out} after {steps} steps ({history.get('seconds', 0.0):.1f} s{last})",
                   markup=False, highlight=False)
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same command under ``torch.distributed.run`` with ``nproc`` processes, then exit."""
+    import subprocess
+    import sys
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "cli.main", *argv]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _check_same_keys(saved, context_keys: list[str], perturbation_key: str | None, control: str | None) -> None:
@@ -162,7 +211,7 @@ def simulate(
     """Perturb real cells (--in + --perturb) or generate new ones (--n-cells)."""
     from lingshu import LingshuModel
     from lingshu.errors import LingshuError
-    from lingshu.io import check_output_path, read_cells, write_cells
+    from lingshu.io import check_output_path, read_cells
 
     progress = setup(quiet)
     perturbations = list(perturb or [])
@@ -193,17 +242,38 @@ def simulate(
         _check_context(model, adata)
         console.print(f"simulating {len(perturbations)} perturbation(s) x {adata.n_obs:,} cells "
                       f"x {n_per_cell}", markup=False, highlight=False)
-        sim = model.predict(adata, perturbations, n_per_cell=n_per_cell,
-                            guidance_scale=2.0 if guidance is None else guidance,
-                            steps=3 if steps is None else steps, seed=seed, device=device, progress=progress)
+        chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
+                                    guidance_scale=2.0 if guidance is None else guidance,
+                                    steps=3 if steps is None else steps, seed=seed, device=device, progress=progress)
     else:
         _check_conditions(model, conditions)
         console.print(f"generating {n_cells:,} cells", markup=False, highlight=False)
-        sim = model.generate(n_cells, condition=conditions or None, steps=32 if steps is None else steps,
-                             guidance_scale=0.0 if guidance is None else guidance, seed=seed,
-                             device=device, progress=progress)
+        table = model.generation_table(n_cells, conditions or None, seed=seed)
+        chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
+                                     guidance_scale=0.0 if guidance is None else guidance, seed=seed,
+                                     device=device, progress=progress)
+    n = _write_chunks(chunks, out, model.genes, overwrite=overwrite)
+    console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)
+
+
+def _write_chunks(chunks, out: Path, genes: list[str], *, overwrite: bool) -> int:
+    """Stream chunks into an .h5ad (memory O(chunk)); other formats are assembled, then written."""
+    import anndata as ad
+
+    from lingshu.h5ad_stream import H5adStreamWriter
+    from lingshu.io import write_cells
+
+    if out.suffix.lower() == ".h5ad":
+        with H5adStreamWriter(out, genes, overwrite=overwrite) as writer:
+            for chunk in chunks:
+                writer.append(chunk)
+                writer.uns = dict(chunk.uns)
+        return writer.n_obs
+    parts = list(chunks)
+    sim = ad.concat(parts, merge="same")
+    sim.uns = parts[0].uns
     write_cells(sim, out, overwrite=overwrite)
-    console.print(f"wrote {sim.n_obs:,} cells to {out}", markup=False, highlight=False)
+    return sim.n_obs
 
 
 def _check_perturbations(model, perturbations: list[str]) -> None:

@@ -1,9 +1,15 @@
 """Condition vocabularies and a deterministic, streamed batch source.
 
-Batches are read as CSR row blocks (from memory or a backed ``.h5ad``) and encoded
-to tokens one batch at a time, so training memory is ``O(batch x genes)``.
-The order of cells is a pure function of ``(seed, epoch)``, so the batch of any
-step can be rebuilt exactly when a run resumes.
+Batches are read as CSR row blocks (from memory, or from ``.h5ad`` / 10x ``.h5`` shards
+on disk through :class:`lingshu.shards.ShardedCounts`) and encoded to tokens one batch at
+a time, so training memory is ``O(batch x genes)``. The order of cells is a pure function
+of ``(seed, epoch)``, so the batch of any step can be rebuilt exactly when a run resumes.
+
+In memory the order is a full permutation. On disk it is a block shuffle: the cells are
+cut into blocks of consecutive rows, the blocks are permuted, and the rows of each group
+of ``buffer`` blocks are shuffled together (a shuffle buffer), so every batch reads from
+at most ``buffer`` blocks and a reader caching that many blocks reads each block once per
+epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from .errors import LingshuError
 from .tokenizer import CountTokenizer
 from .validation import check_labels
 
-__all__ = ["Vocabulary", "BatchStream", "split_indices"]
+__all__ = ["Vocabulary", "BatchStream", "split_indices", "block_shuffle"]
 
 
 @dataclass
@@ -65,12 +71,46 @@ class Vocabulary:
         return pd.DataFrame(cols)
 
 
-def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train / validation split of ``n`` cells."""
+def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000,
+                  block: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation split of ``n`` cells.
+
+    With ``block > 1`` the validation cells are whole blocks of consecutive rows, so
+    reading them from disk touches few blocks.
+    """
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
     n_val = min(int(round(n * val_fraction)), max_val) if n >= 20 else 0
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if block <= 1:
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    starts = rng.permutation(np.arange(0, n, block))
+    val: list[np.ndarray] = []
+    taken = 0
+    for s0 in starts:
+        if taken >= n_val:
+            break
+        rows = np.arange(s0, min(s0 + block, n))[: n_val - taken]
+        val.append(rows)
+        taken += len(rows)
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(n), val_idx), val_idx
+
+
+def block_shuffle(indices: np.ndarray, rng: np.random.Generator, block: int, buffer: int) -> np.ndarray:
+    """A permutation of ``indices`` that mixes only within groups of ``buffer`` permuted blocks.
+
+    ``indices`` (sorted) are cut into blocks of ``block`` consecutive rows (by row number),
+    the blocks are permuted, and each run of ``buffer`` blocks is shuffled as one pool.
+    """
+    block_id = np.asarray(indices) // block
+    cuts = np.flatnonzero(np.diff(block_id)) + 1
+    blocks = np.split(np.asarray(indices), cuts)
+    order = rng.permutation(len(blocks))
+    out = []
+    for g in range(0, len(order), buffer):
+        pool = np.concatenate([blocks[i] for i in order[g:g + buffer]])
+        out.append(rng.permutation(pool))
+    return np.concatenate(out) if out else np.asarray(indices)
 
 
 class BatchStream:
@@ -91,22 +131,36 @@ class BatchStream:
         Encodes each CSR batch.
     seed
         Order seed.
+    block, buffer
+        ``block > 0``: block-shuffled order (for data on disk) with blocks of ``block``
+        rows mixed ``buffer`` blocks at a time; ``0``: a full permutation.
     """
 
     def __init__(self, x, cond: np.ndarray, indices: np.ndarray, batch_size: int,
-                 tokenizer: CountTokenizer, seed: int = 0) -> None:
+                 tokenizer: CountTokenizer, seed: int = 0, block: int = 0, buffer: int = 16) -> None:
         if len(indices) == 0:
             raise LingshuError("no cells to train on")
         self.x, self.cond, self.indices = x, cond, np.asarray(indices)
         self.batch_size = min(batch_size, len(self.indices))
         self.tokenizer, self.seed = tokenizer, seed
+        self.block, self.buffer = block, max(buffer, 1)
         self.per_epoch = len(self.indices) // self.batch_size
         self._order_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def n_keys(self) -> int:
+        return int(self.cond.shape[1])
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._order_cache = (epoch, rng.permutation(self.indices))
+            order = (block_shuffle(self.indices, rng, self.block, self.buffer) if self.block > 0
+                     else rng.permutation(self.indices))
+            self._order_cache = (epoch, order)
         return self._order_cache[1]
 
     def rows(self, i: int) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .validation import check_labels, counts_matrix, require_obs_keys
 __all__ = ["LingshuModel"]
 
 log = logging.getLogger(__name__)
-_CHUNK_CELLS = 4096
+_CHUNK_CELLS = 1024  # simulated cells per chunk: memory O(chunk x genes)
 
 
 def _version() -> str:
@@ -61,32 +61,77 @@ class LingshuModel:
     def __init__(self, adata: ad.AnnData, *, context_keys: Sequence[str] = (), perturbation_key: str | None = None,
                  control: str | None = None, preset: str = "tiny", config: ModelConfig | None = None,
                  layer: str | None = None, seed: int = 0) -> None:
-        context_keys = [context_keys] if isinstance(context_keys, str) else list(context_keys)
-        keys = context_keys + ([perturbation_key] if perturbation_key else [])
-        if len(set(keys)) != len(keys):
-            raise LingshuError(f"condition keys must be distinct, got {keys}")
-        require_obs_keys(adata, keys)
-        if control is not None and perturbation_key is None:
-            raise LingshuError("--control needs --perturbation-key")
-        if perturbation_key and control is None:
-            raise LingshuError(f"--perturbation-key {perturbation_key!r} needs --control (the label of unperturbed cells)")
         genes = [str(g) for g in adata.var_names]
         if len(set(genes)) != len(genes):
             dup = pd.Index(genes)[pd.Index(genes).duplicated()][0]
             raise LingshuError(f"gene names must be unique; {dup!r} occurs more than once (use adata.var_names_make_unique())")
+        keys = self._keys(adata, context_keys, perturbation_key, control)
         x = counts_matrix(adata, layer)
-        vocab = Vocabulary.from_obs(adata.obs, keys)
+        self._build(x, adata.obs, genes, keys, perturbation_key, control, preset, config, seed, x, block=0, buffer=0)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | Path], *, context_keys: Sequence[str] = (),
+                   perturbation_key: str | None = None, control: str | None = None, preset: str = "tiny",
+                   config: ModelConfig | None = None, layer: str | None = None, seed: int = 0,
+                   block: int = 1024, buffer: int = 16, fit_cells: int = 20_000) -> "LingshuModel":
+        """A model that trains on files on disk without loading them into memory.
+
+        Parameters
+        ----------
+        paths
+            One or more ``.h5ad`` / 10x ``.h5`` / ``.h5mu`` shards with raw counts; genes are
+            aligned by name (the genes every shard has).
+        block, buffer
+            Cells per disk read, and blocks mixed per shuffle buffer (memory holds
+            ``block x buffer`` cells).
+        fit_cells
+            Cells (whole blocks spread over the data) used to fit the tokenizer's within-bin
+            decoder and the output-head initialisation.
+        context_keys, perturbation_key, control, preset, config, layer, seed
+            As for :class:`LingshuModel`.
+        """
+        from .shards import ShardedCounts
+
+        counts = ShardedCounts(paths, layer=layer, block=block, cache_blocks=buffer)
+        self = cls.__new__(cls)
+        keys = self._keys(counts, context_keys, perturbation_key, control)
+        sample = counts.sample(fit_cells, seed)
+        self._build(counts, counts.obs, counts.genes, keys, perturbation_key, control, preset, config, seed, sample,
+                    block=block, buffer=buffer)
+        log.info("streaming %d cells x %d genes from %d file(s) in blocks of %d cells (buffer %d blocks)",
+                 counts.shape[0], counts.shape[1], len(counts.shards), block, buffer)
+        return self
+
+    @staticmethod
+    def _keys(data, context_keys, perturbation_key, control) -> tuple[list[str], list[str]]:
+        context_keys = [context_keys] if isinstance(context_keys, str) else list(context_keys)
+        keys = context_keys + ([perturbation_key] if perturbation_key else [])
+        if len(set(keys)) != len(keys):
+            raise LingshuError(f"condition keys must be distinct, got {keys}")
+        require_obs_keys(data, keys)
+        if control is not None and perturbation_key is None:
+            raise LingshuError("--control needs --perturbation-key")
+        if perturbation_key and control is None:
+            raise LingshuError(f"--perturbation-key {perturbation_key!r} needs --control (the label of unperturbed cells)")
+        return context_keys, keys
+
+    def _build(self, x, obs: pd.DataFrame, genes: list[str], keys: tuple[list[str], list[str]],
+               perturbation_key: str | None, control: str | None, preset: str, config: ModelConfig | None, seed: int,
+               fit: sp.spmatrix, *, block: int, buffer: int) -> None:
+        context_keys, all_keys = keys
+        vocab = Vocabulary.from_obs(obs, all_keys)
         if control is not None:
             check_labels([control], vocab.labels[perturbation_key], f"control label in {perturbation_key!r}")
         p = get_preset(preset)
         model_cfg = resolve_group_size(dataclasses.replace(config or p.model, gene_seed=seed), len(genes))
-        self._setup(genes, vocab, context_keys, perturbation_key, control, model_cfg, CountTokenizer().fit(x, seed))
+        self._setup(genes, vocab, context_keys, perturbation_key, control, model_cfg, CountTokenizer().fit(fit, seed))
         self.preset, self.train_config = preset, p.train
-        self._x, self._cond = x, vocab.encode(adata.obs)
+        self._x, self._cond = x, vocab.encode(obs)
+        self._block, self._buffer = block, buffer
         self._freq = self._frequencies(self._cond)
         torch.manual_seed(seed)
         self.denoiser = Denoiser(model_cfg, len(genes), vocab.sizes())
-        self.denoiser.init_head_bias(token_frequencies(x))
+        self.denoiser.init_head_bias(token_frequencies(fit))
         self.history: dict[str, Any] = {}
         self._trainer: Trainer | None = None
 
@@ -155,9 +200,11 @@ class LingshuModel:
             cfg.device = device
         cfg = TrainConfig(**dataclasses.asdict(cfg))  # re-validate
         dev = resolve_device(cfg.device)
-        train_idx, val_idx = split_indices(len(self._cond), cfg.val_fraction, cfg.seed)
-        stream = BatchStream(self._x, self._cond, train_idx, cfg.batch_size, self.tokenizer, cfg.seed)
-        val = BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed) if len(val_idx) else None
+        train_idx, val_idx = split_indices(len(self._cond), cfg.val_fraction, cfg.seed, block=self._block)
+        stream = BatchStream(self._x, self._cond, train_idx, cfg.batch_size, self.tokenizer, cfg.seed,
+                             block=self._block, buffer=self._buffer)
+        val = (BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed)
+               if len(val_idx) else None)
         self.train_config = cfg
         on_ckpt = (lambda tr: self._write(out_dir, tr)) if out_dir is not None else None
         trainer = Trainer(self.denoiser, stream, cfg, dev, val_stream=val, on_checkpoint=on_ckpt, progress=progress)
@@ -191,11 +238,7 @@ class LingshuModel:
             return ref
         return np.zeros_like(cond)
 
-    def simulate(self, conditions: pd.DataFrame, *, steps: int = 32, guidance_scale: float = 0.0,
-                 guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
-                 seed: int = 0, device: str = "auto", batch_size: int = 256, prior: Mapping[str, int] | None = None,
-                 start_counts: sp.spmatrix | None = None, mask_fraction: float = 1.0,
-                 progress: bool = False) -> ad.AnnData:
+    def simulate(self, conditions: pd.DataFrame, **kwargs: Any) -> ad.AnnData:
         """One simulated cell per row of ``conditions``.
 
         Parameters
@@ -211,7 +254,30 @@ class LingshuModel:
             ``mask_fraction`` of each cell's genes is re-generated, the rest kept.
         mask_fraction
             Fraction of genes re-generated when ``start_counts`` is given.
+
+        See Also
+        --------
+        iter_simulate : the same cells, yielded in chunks (for output larger than memory).
         """
+        chunks = list(self.iter_simulate(conditions, **kwargs))
+        if not chunks:
+            return self._chunk(sp.csr_matrix((0, len(self.genes)), dtype=np.float32), conditions.iloc[:0], 0, {})
+        out = ad.concat(chunks, merge="same")
+        out.uns = chunks[0].uns
+        return out
+
+    def iter_simulate(self, conditions: pd.DataFrame, *, steps: int = 32, guidance_scale: float = 0.0,
+                      guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
+                      seed: int = 0, device: str = "auto", batch_size: int = 256,
+                      prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
+                      mask_fraction: float = 1.0, progress: bool = False,
+                      chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
+        """:meth:`simulate` in chunks of ``chunk_cells`` cells (same cells for the same seed and chunk size).
+
+        Memory is ``O(chunk_cells x genes)`` whatever the number of cells (default 1,024
+        cells per chunk); write the chunks with :class:`lingshu.h5ad_stream.H5adStreamWriter`.
+        """
+        chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
                            guidance_reference=guidance_reference, batch_size=batch_size, seed=seed)
         conditions = conditions.reset_index(drop=True)
@@ -221,9 +287,12 @@ class LingshuModel:
         self.denoiser.to(dev)
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
-        n, chunks = len(cond), []
-        for c, start in enumerate(range(0, n, _CHUNK_CELLS)):
-            sl = slice(start, min(start + _CHUNK_CELLS, n))
+        meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
+                "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
+                "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
+                "prior_genes": sorted(prior) if prior else []}
+        for c, start in enumerate(range(0, len(cond), chunk_cells)):
+            sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
             if start_counts is not None:
                 init = self.tokenizer.encode(sp.csr_matrix(start_counts[sl]))
@@ -235,18 +304,17 @@ class LingshuModel:
                                    dataclasses.replace(cfg, seed=seed + 7919 * c),
                                    ref=None if ref is None else torch.from_numpy(ref[sl]), device=dev,
                                    progress=progress, autocast=dev.type == "cuda")
-            chunks.append(sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32)))
-        x = sp.vstack(chunks).tocsr() if chunks else sp.csr_matrix((0, len(self.genes)), dtype=np.float32)
+            x = sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32))
+            yield self._chunk(x, conditions.iloc[sl], start, meta)
+
+    def _chunk(self, x: sp.csr_matrix, conditions: pd.DataFrame, start: int, meta: dict[str, Any]) -> ad.AnnData:
         obs = conditions.copy()
         for k in self.vocab.keys:
             if k in obs.columns:
                 obs[k] = pd.Categorical(obs[k].astype(str), categories=self.vocab.labels[k])
-        obs.index = [f"sim_{i}" for i in range(n)]
+        obs.index = [f"sim_{i}" for i in range(start, start + len(obs))]
         out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(self.genes, dtype=str)))
-        out.uns["lingshu"] = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
-                              "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
-                              "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
-                              "prior_genes": sorted(prior) if prior else []}
+        out.uns["lingshu"] = dict(meta)
         return out
 
     def _prior_tokens(self, prior: Mapping[str, int] | None) -> dict[int, int]:
@@ -262,6 +330,11 @@ class LingshuModel:
         ``generate(n)`` therefore reproduces the training cell-type proportions, and
         ``generate(n, {"cell_type": "B"})`` gives B cells. Keyword arguments go to :meth:`simulate`.
         """
+        return self.simulate(self.generation_table(n_cells, condition, seed=kwargs.get("seed", 0)), **kwargs)
+
+    def generation_table(self, n_cells: int, condition: Mapping[str, str] | None = None, *,
+                         seed: int = 0) -> pd.DataFrame:
+        """The condition labels :meth:`generate` simulates (pass to :meth:`iter_simulate` to stream)."""
         condition = dict(condition or {})
         for k, v in condition.items():
             if k not in self.vocab.keys:
@@ -271,7 +344,7 @@ class LingshuModel:
         freq = np.asarray(self._freq, dtype=np.int64)
         given = {keys.index(k): self.vocab.labels[k].index(str(v)) + 1 for k, v in condition.items()}
         match = np.all([freq[:, j] == i for j, i in given.items()], axis=0) if given else np.ones(len(freq), bool)
-        rng = np.random.default_rng(kwargs.get("seed", 0) + 104729)
+        rng = np.random.default_rng(seed + 104729)
         if match.any():
             rows = freq[match]
             ids = rows[rng.choice(len(rows), n_cells, p=rows[:, -1] / rows[:, -1].sum()), :-1]
@@ -279,11 +352,9 @@ class LingshuModel:
             ids = freq[rng.choice(len(freq), n_cells, p=freq[:, -1] / freq[:, -1].sum()), :-1]
         for j, i in given.items():
             ids[:, j] = i
-        return self.simulate(self.vocab.decode(ids), **kwargs)
+        return self.vocab.decode(ids)
 
-    def predict(self, adata: ad.AnnData, perturbations: Sequence[str], *, n_per_cell: int = 1,
-                guidance_scale: float = 2.0, steps: int = 3, seed: int = 0, mask_fraction: float | None = None,
-                layer: str | None = None, **kwargs: Any) -> ad.AnnData:
+    def predict(self, adata: ad.AnnData, perturbations: Sequence[str], **kwargs: Any) -> ad.AnnData:
         """Cells of each input cell's context under each perturbation.
 
         Parameters
@@ -294,16 +365,34 @@ class LingshuModel:
             Labels of ``perturbation_key`` to simulate.
         n_per_cell
             Simulated cells per input cell and perturbation.
+        guidance_scale, steps, seed
+            Guidance relative to the control (default 2.0) and sampling steps (default 3).
         mask_fraction
             ``None``: sample from the condition tokens alone (published). A value in
             (0, 1]: counterfactual mode, start from each input cell's counts and
             re-generate that fraction of its genes under the perturbation.
+        layer
+            Where the input counts are (counterfactual mode).
+
+        Other keyword arguments go to :meth:`iter_simulate`. :meth:`iter_predict` yields the
+        same cells in chunks.
         """
+        chunks = list(self.iter_predict(adata, perturbations, **kwargs))
+        out = ad.concat(chunks, merge="same")
+        out.uns = chunks[0].uns
+        return out
+
+    def iter_predict(self, adata: ad.AnnData, perturbations: Sequence[str], *, n_per_cell: int = 1,
+                     guidance_scale: float = 2.0, steps: int = 3, seed: int = 0, mask_fraction: float | None = None,
+                     layer: str | None = None, **kwargs: Any) -> Iterator[ad.AnnData]:
+        """:meth:`predict` in chunks (each with its ``source_cell`` column)."""
         if self.perturbation_key is None:
             raise LingshuError("this model was trained without --perturbation-key; use generate instead")
         if n_per_cell < 1:
             raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
         perturbations = [str(p) for p in perturbations]
+        if not perturbations:
+            raise LingshuError("give at least one perturbation")
         check_labels(perturbations, self.vocab.labels[self.perturbation_key], "perturbation")
         require_obs_keys(adata, self.context_keys)
         ctx = adata.obs[self.context_keys].astype(str).reset_index(drop=True)
@@ -319,10 +408,13 @@ class LingshuModel:
             from .io import align_genes
             counts, _ = align_genes(counts_matrix(adata, layer), list(map(str, adata.var_names)), self.genes)
             start = sp.vstack([counts[src]] * len(perturbations)).tocsr()
-        out = self.simulate(table, steps=steps, guidance_scale=guidance_scale, seed=seed, start_counts=start,
-                            mask_fraction=mask_fraction or 1.0, **kwargs)
-        out.obs["source_cell"] = np.tile(np.asarray(adata.obs_names)[src], len(perturbations))
-        return out
+        source = np.tile(np.asarray(adata.obs_names)[src], len(perturbations))
+        done = 0
+        for chunk in self.iter_simulate(table, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                        start_counts=start, mask_fraction=mask_fraction or 1.0, **kwargs):
+            chunk.obs["source_cell"] = source[done:done + chunk.n_obs]
+            done += chunk.n_obs
+            yield chunk
 
     # ------------------------------------------------------------- save/load
     def _manifest(self, trainer: Trainer | None) -> dict[str, Any]:

@@ -223,14 +223,19 @@ def test_existing_out_without_overwrite_is_untouched(tmp_path, model_dir, counts
 
 @pytest.mark.parametrize("exc, code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130)])
 def test_failed_or_interrupted_write_leaves_nothing(tmp_path, model_dir, monkeypatch, exc, code):
-    def broken_write(self, filename, **kwargs):
-        with open(filename, "wb") as fh:
-            fh.write(b"\x89HDF\r\n\x1a\npartial")
+    from lingshu import model as model_module
+    from lingshu.h5ad_stream import H5adStreamWriter
+
+    append = H5adStreamWriter.append
+
+    def broken_append(self, chunk):  # the disk fills up after the first chunk was written
+        append(self, chunk)
         raise exc
 
-    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken_write)
+    monkeypatch.setattr(H5adStreamWriter, "append", broken_append)
+    monkeypatch.setattr(model_module, "_CHUNK_CELLS", 2)
     out_dir = tmp_path / "outputs"
-    result = run("simulate", "--model", model_dir, "--n-cells", "2", "--steps", "2", "--out", out_dir / "gen.h5ad")
+    result = run("simulate", "--model", model_dir, "--n-cells", "5", "--steps", "2", "--out", out_dir / "gen.h5ad")
     assert result.exit_code == code, result.output
     if code == 1:
         assert_user_error(result, "No space left on device")
