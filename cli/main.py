@@ -239,6 +239,8 @@ def simulate(
     if input is not None:
         _check_perturbations(model, perturbations)  # before reading a possibly large file
         adata = read_cells(input)
+        if adata.n_obs == 0:
+            raise LingshuError(f"{input} has 0 cells; nothing to simulate")
         _check_context(model, adata)
         console.print(f"simulating {len(perturbations)} perturbation(s) x {adata.n_obs:,} cells "
                       f"x {n_per_cell}", markup=False, highlight=False)

@@ -68,7 +68,7 @@ class Vocabulary:
         for j, k in enumerate(self.keys):
             labs = np.array([None] + self.labels[k], dtype=object)
             cols[k] = pd.Categorical(labs[ids[:, j]], categories=self.labels[k])
-        return pd.DataFrame(cols)
+        return pd.DataFrame(cols, index=pd.RangeIndex(len(ids)))
 
 
 def split_indices(n: int, val_fraction: float, seed: int, max_val: int = 2000,

@@ -85,14 +85,17 @@ def read_cells(path, *, layer: str | None = None, backed: bool = False, modality
                            f"supported: {', '.join(READ_FORMATS)}")
     _check_hdf5_file(path)
     try:
-        if suffix == ".h5ad":
-            import anndata as ad
+        with warnings.catch_warnings():
+            # anndata's multi-line notice; duplicated names are reported below in one line
+            warnings.filterwarnings("ignore", message=r".*names are not unique")
+            if suffix == ".h5ad":
+                import anndata as ad
 
-            adata = ad.read_h5ad(path, backed="r" if backed else None)
-        elif suffix == ".h5":
-            adata = _read_10x_h5(path)
-        else:
-            adata = _read_h5mu(path, modality=modality, backed=backed)
+                adata = ad.read_h5ad(path, backed="r" if backed and _has_x(path) else None)
+            elif suffix == ".h5":
+                adata = _read_10x_h5(path)
+            else:
+                adata = _read_h5mu(path, modality=modality, backed=backed)
     except LingshuError:
         raise
     except Exception as exc:  # h5py / anndata / mudata raise many types
@@ -104,7 +107,35 @@ def read_cells(path, *, layer: str | None = None, backed: bool = False, modality
         raise LingshuError(f"could not read {path}: {_one_line(exc)} (truncated or corrupt file?)") from exc
     if layer is not None:
         _check_layer(adata, layer, path)
+    _unique_cell_names(adata, path)
+    if not adata.var_names.is_unique:
+        dups = adata.var_names[adata.var_names.duplicated()].unique()
+        log.warning("%s has %d duplicated gene name(s) (e.g. %s); training needs unique names "
+                    "(adata.var_names_make_unique())", path, len(dups), ", ".join(map(str, dups[:3])))
     return adata
+
+
+def _unique_cell_names(adata, path: Path) -> None:
+    """Make repeated cell names unique (``c``, ``c-1``, ...) so every output row traces to one input cell.
+
+    Cell names carry no meaning for training; only simulated cells' ``source_cell`` refers to them.
+    """
+    if adata.obs_names.is_unique:
+        return
+    dups = adata.obs_names[adata.obs_names.duplicated()].unique()
+    import anndata as ad
+
+    adata.obs_names = ad.utils.make_index_unique(adata.obs_names.astype(str))  # rule of obs_names_make_unique
+    log.warning("%s has %d duplicated cell name(s) (e.g. %s); made them unique by appending -1, -2, ...",
+                path, len(dups), ", ".join(map(str, dups[:3])))
+
+
+def _has_x(path: Path) -> bool:
+    """Whether an ``.h5ad`` stores ``X`` (anndata cannot open one without it backed; such files load in memory)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "X" in f
 
 
 def _check_layer(adata, layer: str, path: Path) -> None:
@@ -134,10 +165,11 @@ def _read_10x_h5(path: Path):
             names = _decode(feats["name"][:])
             types = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
         else:  # Cell Ranger 2: one group per genome
-            groups = [k for k in f if isinstance(f[k], h5py.Group) and "indptr" in f[k]]
+            v2 = {"barcodes", "data", "indices", "indptr", "shape", "genes", "gene_names"}
+            groups = [k for k in f if isinstance(f[k], h5py.Group) and v2 <= set(f[k].keys())]
             if not groups:
-                raise LingshuError(f"{path} is HDF5 but not a 10x Genomics matrix (no 'matrix' group); "
-                                   "use .h5ad for AnnData files")
+                raise LingshuError(f"{path} is HDF5 but not a 10x Genomics matrix (no 'matrix' group)"
+                                   f"{_other_format_hint(f)}")
             g = f[groups[0]]
             gene_ids = _decode(g["genes"][:])
             names = _decode(g["gene_names"][:])
@@ -164,6 +196,17 @@ def _read_10x_h5(path: Path):
     return ad.AnnData(X=sp.csr_matrix(x), obs=pd.DataFrame(index=pd.Index(barcodes, dtype=object)), var=var)
 
 
+def _other_format_hint(f) -> str:
+    """``; it looks like ...`` when an HDF5 file is an AnnData or MuData file under the wrong extension."""
+    kind = f.attrs.get("encoding-type", "")
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind.lower() == "mudata" or "mod" in f:
+        return "; it looks like a MuData file: rename it to .h5mu"
+    if kind.lower() == "anndata" or {"X", "obs", "var"} <= set(f.keys()):
+        return "; it looks like an AnnData file: rename it to .h5ad"
+    return f"; top-level entries: {', '.join(list(f.keys())[:8]) or '(none)'}; use .h5ad for AnnData files"
+
+
 def _read_h5mu(path: Path, *, modality: str, backed: bool):
     """One modality of a MuData file, with the global obs columns it lacks."""
     import mudata as md
@@ -186,7 +229,8 @@ def _read_h5mu(path: Path, *, modality: str, backed: bool):
     extra = [c for c in mdata.obs.columns if not c.startswith(prefixes) and c not in adata.obs.columns]
     if extra and not backed:
         for c in extra:
-            adata.obs[c] = mdata.obs[c].reindex(adata.obs_names).values
+            col = mdata.obs[c]  # same rows in the same order (as with one modality) need no name lookup
+            adata.obs[c] = col.values if col.index.equals(adata.obs_names) else col.reindex(adata.obs_names).values
     return adata
 
 

@@ -112,6 +112,9 @@ class CountTokenizer:
         """
         if sp.issparse(x):
             x = sp.csr_matrix(x)
+            if not x.has_canonical_format:  # repeated (cell, gene) entries mean their sum
+                x = x.copy()
+                x.sum_duplicates()
             out = np.zeros(x.shape, dtype=np.int64)
             rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
             out[rows, x.indices] = encode_values(x.data)

@@ -13,6 +13,7 @@ from .errors import LingshuError
 __all__ = ["counts_matrix", "check_count_values", "require_obs_keys", "check_labels", "closest"]
 
 _CHUNK = 4096
+_MAX_COUNT = 2**31 - 1  # no UMI count comes near; larger values would overflow the tokenizer
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
@@ -48,12 +49,22 @@ def check_labels(values: Iterable[str], known: Sequence[str], what: str) -> None
 
 
 def _bad_values(data: np.ndarray) -> str | None:
+    kind = data.dtype.kind
+    if kind == "b":
+        return "True/False values (a boolean matrix)"
+    if kind in "US" or (kind == "O" and data.size and isinstance(data.flat[0], (str, bytes))):
+        return f"text values (dtype {data.dtype})"
+    if kind not in "iuf":  # objects, complex numbers, dates
+        return f"non-numeric values (dtype {data.dtype})"
     if data.size == 0:
         return None
     if not np.all(np.isfinite(data)):
         return "NaN or infinite values"
     if np.any(data < 0):
         return "negative values"
+    dtype_max = float(np.finfo(data.dtype).max if kind == "f" else np.iinfo(data.dtype).max)
+    if dtype_max > _MAX_COUNT and np.any(data > _MAX_COUNT):
+        return f"values above {_MAX_COUNT:,} (largest {float(data.max()):.3g})"
     if np.issubdtype(data.dtype, np.integer):
         return None
     if np.any(data != np.round(data)):
@@ -119,10 +130,14 @@ def counts_matrix(adata, layer: str | None = None) -> sp.csr_matrix:
             raise LingshuError(f"layer {layer!r} not found; available: {_fmt_list(list(adata.layers.keys())) or '(none)'}")
         x, where = adata.layers[layer], f"layers[{layer!r}]"
     if x is None:
-        raise LingshuError(f"{where} is empty")
+        raise LingshuError(f"{where} is empty (the file stores no matrix there); {_alternatives(adata)}")
     why = check_count_values(x, where)
     if why:
         raise LingshuError(f"{where} holds {why}, not raw counts; {_alternatives(adata)}")
     if hasattr(x, "to_memory"):  # backed sparse dataset
         x = x.to_memory()
-    return sp.csr_matrix(x, dtype=np.float32)
+    x = sp.csr_matrix(x, dtype=np.float32)
+    if not x.has_canonical_format:  # repeated (cell, gene) entries mean their sum; the tokenizer wants one each
+        x = x.copy()  # never sort or sum the caller's arrays in place
+        x.sum_duplicates()
+    return x
