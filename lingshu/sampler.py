@@ -61,19 +61,19 @@ def _draw_at(denoiser, h_cond, h_ref, rows, cols, w, generator, chunk: int = 409
     log-probability of the drawn value is read from it (no repeated normalisation). Chunks
     of 4,096 positions keep the float64 arrays in cache (5x faster than 65,536 on a CPU).
     """
-    values, logps = [], []
-    for s in range(0, rows.numel(), chunk):
+    n = rows.numel()
+    values = torch.empty(n, dtype=torch.long, device=rows.device)  # filled in place: no small
+    logps = torch.empty(n, dtype=torch.float64, device=rows.device)  # allocations between chunks
+    for s in range(0, n, chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
         lr = denoiser.head_logits(h_ref[r, c]).float() if h_ref is not None else None
         z = guided_log_probs(denoiser.head_logits(h_cond[r, c]).float(), lr, w) if lr is not None and w != 0 \
             else denoiser.head_logits(h_cond[r, c]).double()
         p = torch.softmax(z, dim=-1)  # (M, V) float64
         v = _inverse_cdf(p, generator)
-        values.append(v)
-        logps.append(p.gather(1, v[:, None]).squeeze(1).log())
-    if not values:
-        return rows.new_zeros(0), torch.zeros(0, dtype=torch.float64, device=rows.device)
-    return torch.cat(values), torch.cat(logps)
+        values[s:s + chunk] = v
+        logps[s:s + chunk] = p.gather(1, v[:, None]).squeeze(1).log()
+    return values, logps
 
 
 def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator) -> torch.Tensor:
