@@ -1,0 +1,420 @@
+"""Shared pieces of the benchmark suite (``bench/run.py``): data paths, run profiles, timing and
+peak memory, gene selection, and the ``lingshu evaluate`` call with the extra metric the suite needs.
+
+Nothing here tunes anything: every setting of a profile is fixed before any test split is scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench")
+
+TOP_DE = 100  # Pearson-delta on the top-100 DE genes of the real cells
+
+
+# ------------------------------------------------------------------ data
+def data_dir() -> Path:
+    """``$LINGSHU_DATA_DIR`` or ``<repo>/../shared/data`` (``/work/shared/data``)."""
+    env = os.environ.get("LINGSHU_DATA_DIR")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+class MissingData(RuntimeError):
+    """A data file of the suite is absent; the task is skipped with this message."""
+
+
+def data_file(name: str) -> Path:
+    path = data_dir() / name
+    if not path.exists():
+        raise MissingData(f"{path} not found (set LINGSHU_DATA_DIR to the folder holding {name}); skipping")
+    return path
+
+
+def read_counts(name: str):
+    """The AnnData of ``name`` with string obs labels and unique gene names."""
+    import anndata as ad
+
+    a = ad.read_h5ad(data_file(name))
+    a.var_names_make_unique()
+    a.X = sp.csr_matrix(a.X, dtype=np.float32)
+    for c in a.obs.columns:
+        if isinstance(a.obs[c].dtype, pd.CategoricalDtype) or a.obs[c].dtype == object:
+            a.obs[c] = a.obs[c].astype(str)
+    return a
+
+
+# -------------------------------------------------------------- profiles
+@dataclasses.dataclass
+class Profile:
+    """Every setting of one suite run (fixed a priori; recorded in ``run_meta.json``)."""
+
+    name: str
+    preset: str
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None  # torch / BLAS threads; None = all cores
+    # Lingshu training / sampling
+    kang_steps: int | None = None
+    papalexi_steps: int | None = None
+    gen_steps: int | None = None
+    predict_steps: int = 3  # published perturbation setting (LingshuModel.predict default)
+    guidance_scale: float = 2.0  # LingshuModel.predict default (published)
+    gen_sample_steps: int = 32
+    # data size
+    max_genes: int | None = None  # HVGs picked on the training cells only; None = all genes
+    gen_max_cells: int | None = None  # stratified subsample of each generation data set before the split
+    papalexi_max_ctrl: int | None = None  # control cells per replicate fed to predict
+    # holdouts
+    kang_types: list[str] | None = None  # None = all 7
+    papalexi_targets: int | None = None  # None = all 25
+    papalexi_folds: int = 3
+    gen_datasets: list[str] | None = None  # None = all 6
+    # peers
+    peers: bool = True
+    scvi_max_epochs: int | None = None  # None = scvi-tools' default (min(400, 20000/n*400))
+    scvi_max_updates: int | None = None  # also cap epochs at ~this many minibatch updates (quick profile)
+    scvi_latent: int = 10
+    state_steps: int | None = None  # STATE training steps (0/None: STATE not run)
+    state_small: bool = True  # 2-layer width-128 STATE for CPUs; False = state_sm as published
+    state_set_len: int = 32
+    state_batch: int = 4
+    # evaluation
+    embedding: str = "umap"
+    plots: bool = True
+
+
+GEN_DATASETS = {
+    "pbmc3k": "pbmc3k_10x_seurat_labels.h5ad",
+    "pbmc68k_reduced": "pbmc68k_reduced_10x_subset.h5ad",
+    "mouse_lung_immune": "zilionis2019_mouse_lung_immune_cluey_800.h5ad",
+    "mouse_pancreas": "baron2016_mouse_pancreas_mouse1_chai_822.h5ad",
+    "mouse_bladder": "han2018_mca_mouse_bladder_scdeepcluster_2100.h5ad",
+    "worm_neurons": "cao2017_worm_neurons_scdeepcluster_4186.h5ad",
+}
+KANG_TYPES = ["CD4T", "FCGR3A+Mono", "CD14+Mono", "B", "NK", "CD8T", "Dendritic"]
+
+
+def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
+    """``quick``: 2 CPU cores, < 20 min for the whole suite; ``full``: one GPU, all holdouts and genes.
+
+    ``smoke`` cuts a profile to ~5 training steps and one holdout per task (pipeline check only).
+    """
+    if mode == "quick":
+        p = Profile(name="quick", preset="tiny", threads=1, kang_steps=160, papalexi_steps=250, gen_steps=160,
+                    gen_sample_steps=8, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
+                    kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,
+                    scvi_max_epochs=100, scvi_max_updates=500, state_steps=40, embedding="pca")
+    elif mode == "full":
+        p = Profile(name="full", preset="base", kang_steps=4000, papalexi_steps=4000, gen_steps=4000,
+                    gen_sample_steps=64, state_steps=4000, state_small=False, state_set_len=64, state_batch=16)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    if smoke:
+        p = dataclasses.replace(p, name=f"{p.name}+smoke", kang_steps=5, papalexi_steps=5, gen_steps=5,
+                                gen_sample_steps=2, predict_steps=2, kang_types=["B"], papalexi_targets=2,
+                                papalexi_folds=1, gen_datasets=["pbmc68k_reduced", "mouse_lung_immune"],
+                                gen_max_cells=300, papalexi_max_ctrl=100, scvi_max_epochs=2, scvi_max_updates=20,
+                                state_steps=3 if p.state_steps else None,
+                                max_genes=p.max_genes or 1000, embedding="pca")
+    return dataclasses.replace(p, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ------------------------------------------------------ time and memory
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Meter:
+    """Wall time and peak resident memory of a block (and peak GPU memory on CUDA).
+
+    The peak RSS is that of the block alone where the kernel lets the process reset its
+    high-water mark (``/proc/self/clear_refs``); otherwise the process-wide
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` so far (then ``rss_scope == "process"``). Meters may
+    nest: an inner block's reset does not hide the outer block's earlier peak.
+    ``Meter.suite_peak_mb`` is the largest peak seen by any meter of the process.
+    """
+
+    _stack: list["Meter"] = []
+    suite_peak_mb: float = 0.0
+
+    def __init__(self) -> None:
+        self.wall_s = float("nan")
+        self.peak_rss_mb = float("nan")
+        self.peak_gpu_mb = float("nan")
+        self.rss_scope = "block"
+        self.cpu_s = float("nan")
+        self._seen = 0.0
+        self._seen_gpu = 0.0
+
+    def __enter__(self) -> "Meter":
+        import torch
+
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            gpu_now = torch.cuda.max_memory_allocated() / 2**20
+            for outer in Meter._stack:
+                outer._seen_gpu = max(outer._seen_gpu, gpu_now)
+            torch.cuda.reset_peak_memory_stats()
+        now = _vm_hwm_mb() or 0.0
+        for outer in Meter._stack:  # the outer blocks' peaks so far, before the reset erases them
+            outer._seen = max(outer._seen, now)
+        Meter.suite_peak_mb = max(Meter.suite_peak_mb, now)
+        self.rss_scope = "block" if _reset_hwm() else "process"
+        Meter._stack.append(self)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self._cpu0 = ru.ru_utime + ru.ru_stime
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self.wall_s = time.perf_counter() - self._t0
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_s = ru.ru_utime + ru.ru_stime - self._cpu0
+        Meter._stack.remove(self)
+        hwm = _vm_hwm_mb() if self.rss_scope == "block" else None
+        if hwm is None:
+            self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        else:
+            self.peak_rss_mb = max(hwm, self._seen)
+        for outer in Meter._stack:
+            outer._seen = max(outer._seen, self.peak_rss_mb)
+        Meter.suite_peak_mb = max(Meter.suite_peak_mb, self.peak_rss_mb)
+        if self._cuda:
+            self.peak_gpu_mb = max(torch.cuda.max_memory_allocated() / 2**20, self._seen_gpu)
+            for outer in Meter._stack:
+                outer._seen_gpu = max(outer._seen_gpu, self.peak_gpu_mb)
+
+
+def combine(*meters: Meter) -> dict[str, float]:
+    """Wall and CPU time summed and peaks maxed over consecutive blocks."""
+    return {"wall_s": float(sum(m.wall_s for m in meters)), "cpu_s": float(sum(m.cpu_s for m in meters)),
+            "peak_rss_mb": float(np.nanmax([m.peak_rss_mb for m in meters])),
+            "peak_gpu_mb": float(np.nanmax([m.peak_gpu_mb for m in meters])) if any(
+                np.isfinite(m.peak_gpu_mb) for m in meters) else float("nan")}
+
+
+THREADS: list[int | None] = [None]  # set by run.py --threads
+
+
+def pin_threads() -> None:
+    """Re-apply ``--threads`` to torch before each model is trained or sampled.
+
+    Needed because importing / running scanpy's HVG selection (numba, another libgomp) leaves
+    torch's intra-op pool at the machine default again: measured 4.5x slower training at
+    "1 thread" on a busy 2-core machine without this.
+    """
+    import torch
+
+    if THREADS[0]:
+        torch.set_num_threads(THREADS[0])
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def hardware() -> dict[str, str]:
+    import torch
+
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"platform": platform.platform(), "cpu": cpu,
+           "cpus_visible": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+           "memory": mem, "python": platform.python_version(), "torch": torch.__version__,
+           "torch_threads": str(THREADS[0] or f"default ({os.cpu_count()})"),
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+    return out
+
+
+# --------------------------------------------------------- preparation
+def select_genes(train, n: int | None) -> list[str] | None:
+    """Top ``n`` highly variable genes of ``train`` (scanpy ``seurat`` flavour on log1p CP10k), in data order.
+
+    Picked on the training cells only, so the held-out cells never influence the gene set.
+    ``None`` when ``n`` is None or at least the number of genes.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if n is None or n >= train.n_vars:
+        return None
+    b = ad.AnnData(X=sp.csr_matrix(train.X, dtype=np.float32, copy=True), var=pd.DataFrame(index=train.var_names))
+    expressed = np.asarray((b.X > 0).sum(axis=0)).ravel() > 0
+    b = b[:, expressed].copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.highly_variable_genes(b, n_top_genes=min(n, b.n_vars), flavor="seurat")
+    keep = set(b.var_names[b.var["highly_variable"].to_numpy()])
+    return [g for g in train.var_names if g in keep]
+
+
+def stratified_subsample(labels: np.ndarray, max_n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``max_n`` items, proportional per label (at least 2 of each, if present)."""
+    labels = np.asarray(labels).astype(str)
+    if max_n is None or len(labels) <= max_n:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    frac = max_n / len(labels)
+    keep = []
+    for lab in dict.fromkeys(labels.tolist()):
+        idx = np.flatnonzero(labels == lab)
+        k = min(len(idx), max(2, int(round(len(idx) * frac))))
+        keep.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+# ----------------------------------------------------------- evaluation
+def _top_de_pearson(real, pred, cond: str, k: int = TOP_DE) -> float:
+    """Pearson-delta over the ``k`` genes most significant in the real condition vs its controls.
+
+    Genes ranked by the real Mann-Whitney p-value (ascending), ties by ``|log2 fold change|``
+    (descending); effects are pseudobulk minus control pseudobulk on each side's own scale,
+    exactly the effects of ``pearson_delta``.
+    """
+    from lingshu.evaluate.perturbation import pearson_delta
+
+    de = real.de[cond]
+    p = np.nan_to_num(de.pvalue.astype(np.float64), nan=1.0)
+    lfc = np.abs(np.nan_to_num(de.lfc.astype(np.float64), nan=0.0, posinf=1e9, neginf=-1e9))
+    top = np.lexsort((-lfc, p))[:k]
+    real_eff = (real.means[cond] - real.control_means[cond]).astype(np.float64)
+    pred_eff = (pred.means[cond] - pred.control_means[cond]).astype(np.float64)
+    return pearson_delta(real_eff[top], pred_eff[top])
+
+
+@contextlib.contextmanager
+def top_de_metric():
+    """Add ``pearson_delta_top100`` to ``lingshu evaluate``'s perturbation metrics for the duration.
+
+    Library gap worked around here: :func:`lingshu.evaluate.evaluate` reports Pearson-delta on
+    all genes only. Its per-condition scorer is wrapped so the extra column flows through the
+    very same code path (metrics.csv, summary.md, relative gains); restored on exit.
+    """
+    import lingshu.evaluate.perturbation as pm
+    import lingshu.evaluate.report as rep
+
+    name = f"pearson_delta_top{TOP_DE}"
+    orig = rep.perturbation_scores
+
+    def scores(real, pred, genes, targets):
+        table = orig(real, pred, genes, targets)
+        col = [(_top_de_pearson(real, pred, c) if c in pred.means and c in real.means else np.nan)
+               for c in table.index]
+        table[name] = col  # the column exists (NaN) when the name is in PERTURBATION_METRICS
+        return table
+
+    had = name in pm.PERTURBATION_METRICS
+    rep.perturbation_scores = scores
+    pm.PERTURBATION_METRICS[name] = "higher"
+    try:
+        yield name
+    finally:
+        rep.perturbation_scores = orig
+        if not had:
+            pm.PERTURBATION_METRICS.pop(name, None)
+
+
+def run_evaluate(pred, real, **kwargs) -> pd.DataFrame:
+    """:func:`lingshu.evaluate.evaluate` (what ``lingshu evaluate`` runs) with the top-DE Pearson-delta."""
+    from lingshu.evaluate import evaluate
+
+    kwargs.setdefault("overwrite", True)
+    with top_de_metric(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate(pred, real, **kwargs)
+
+
+PERT_COLS = ["pearson_delta", f"pearson_delta_top{TOP_DE}", "des", "pds", "mae", "spearman_lfc", "auprc"]
+DIST_COLS = ["energy_distance", "mmd", "classifier_auc", "mean_wasserstein", "pearson_mean", "ilisi",
+             "library_size_ks", "celltype_accuracy", "celltype_tvd", "marker_overlap"]
+
+
+def wide(report: pd.DataFrame, rename: dict[str, str] | None = None, per_condition: bool = False) -> pd.DataFrame:
+    """One row per method (and condition with ``per_condition``): perturbation metrics per condition
+    (or their mean) beside the pooled distribution metrics (condition ``"all"``)."""
+    rename = rename or {}
+    rep = report.assign(method=report["method"].map(lambda m: rename.get(m, m)))
+    pert = rep[(rep["family"] == "perturbation") & (rep["condition"] != "all")]
+    dist = rep[(rep["family"] == "distribution") & (rep["condition"] == "all")]
+    dist_w = dist.pivot_table(index="method", columns="metric", values="value", aggfunc="first", dropna=False)
+    if pert.empty:
+        out = dist_w.reset_index()
+    elif per_condition:
+        pw = pert.pivot_table(index=["method", "condition"], columns="metric", values="value", aggfunc="first",
+                              dropna=False).reset_index()
+        out = pw.merge(dist_w.reset_index(), on="method", how="left")
+    else:
+        pw = pert.pivot_table(index="method", columns="metric", values="value", aggfunc="mean", dropna=False)
+        out = pw.join(dist_w, how="outer").reset_index()
+    cols = [c for c in ["method", "condition"] if c in out.columns]
+    cols += [c for c in PERT_COLS + DIST_COLS if c in out.columns]
+    return out[cols]
+
+
+def note(out: Path, text: str) -> None:
+    """Append a line to ``<out>/notes.txt`` (shown under "Notes from this run" in BENCHMARKS.md)."""
+    log.warning(text)
+    with open(Path(out) / "notes.txt", "a") as f:
+        f.write(text.replace("\n", " ") + "\n")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for name in ("lingshu", "lingshu.evaluate", "lightning", "lightning.pytorch", "pytorch_lightning", "scvi",
+                 "numba", "matplotlib", "anndata", "scanpy", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose and name.startswith("lingshu") else logging.ERROR)
+    logging.getLogger("bench").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")

@@ -1,0 +1,191 @@
+"""The Lingshu benchmark suite: perturbation (Kang IFN-beta, Papalexi CRISPR) and generation tasks,
+with baselines, half-split ceilings and peers; writes ``<out>/*.csv`` and ``BENCHMARKS.md``.
+
+    python bench/run.py --quick                       # 2 CPU cores, < 20 minutes
+    python bench/run.py --full --device cuda          # one GPU, all holdouts, all genes
+    python bench/run.py --quick --smoke               # pipeline check (~5 steps, 1 holdout per task)
+    python bench/run.py --quick --tasks kang,generation --out bench/results
+
+Data: ``$LINGSHU_DATA_DIR`` or ``<repo>/../shared/data``; a task whose file is absent is skipped
+with a message. Every setting is fixed by the profile (``bench/common.py: make_profile``) before
+any held-out cell is seen; nothing is tuned on the reported splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import ROOT, Meter, MissingData, data_dir, hardware, make_profile, setup_logging  # noqa: E402
+
+log = logging.getLogger("bench")
+TASKS = ("kang", "papalexi", "generation")
+TASK_FILES = {"kang": ["kang2018_ifnb_pbmc_scgen_valid.h5ad"],
+              "papalexi": ["papalexi2021_eccite_thp1_sceptre_subset.h5ad"],
+              "generation": None}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2-CPU profile (default)")
+    mode.add_argument("--full", action="store_true", help="GPU profile: all holdouts, all genes, base preset")
+    ap.add_argument("--smoke", action="store_true", help="~5 steps and 1 holdout per task: checks the pipeline only")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default bench/results; bench/results/smoke with --smoke)")
+    ap.add_argument("--md", type=Path, default=None,
+                    help="markdown report (default <repo>/BENCHMARKS.md; <out>/BENCHMARKS.md with --smoke)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and BLAS threads (default: 1 for --quick, measured faster and steadier than 2 on a "
+                         "shared 2-core machine; all cores for --full)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default=None, help="override the profile's Lingshu preset")
+    ap.add_argument("--max-steps", type=int, default=None, help="override the training steps of every task")
+    ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
+    ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
+    ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
+    ap.add_argument("--kang-types", default=None, help="override the held-out Kang cell types (comma-separated)")
+    ap.add_argument("--datasets", default=None, help="override the generation data sets (comma-separated)")
+    ap.add_argument("--state-steps", type=int, default=None, help="override STATE's training steps (0: skip STATE)")
+    ap.add_argument("--no-peers", action="store_true", help="skip scVI / scGen-style peers")
+    ap.add_argument("--no-plots", action="store_true", help="skip the lingshu evaluate plots")
+    ap.add_argument("--no-probe-installs", action="store_true",
+                    help="do not run pip --dry-run for peers that are not installed")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse(raw)
+    setup_logging(args.verbose)
+    mode = "full" if args.full else "quick"
+    out = args.out or (ROOT / "bench" / "results" / ("smoke" if args.smoke else ""))
+    md = args.md or (out / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        print(f"error: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    if not data_dir().is_dir():
+        print(f"skipping the benchmark suite: data folder {data_dir()} not found "
+              "(set LINGSHU_DATA_DIR to the folder with the .h5ad files)", file=sys.stderr)
+        return 0
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import common
+
+    threads = args.threads or make_profile(mode).threads
+    if threads:
+        common.THREADS[0] = threads
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+    steps = args.max_steps
+    profile = make_profile(mode, smoke=args.smoke, device=args.device, seed=args.seed, preset=args.preset,
+                           kang_steps=steps, papalexi_steps=steps, gen_steps=steps,
+                           scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
+                           kang_types=args.kang_types.split(",") if args.kang_types else None,
+                           gen_datasets=args.datasets.split(",") if args.datasets else None,
+                           state_steps=args.state_steps, threads=threads)
+    profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots)
+    if mode == "full" and not args.smoke and not torch.cuda.is_available():
+        log.warning("--full is sized for a GPU (preset %s, %s steps per model) but no CUDA device is visible; "
+                    "this will take many hours on CPUs", profile.preset, profile.kang_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in raw)
+    env_threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    meta = {"command": command, "env": env_threads, "mode": profile.name, "profile": dataclasses.asdict(profile),
+            "hardware": hardware(), "commit": _git_commit(), "data_dir": str(data_dir()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tasks": {}, "out": str(out)}
+    (out / "notes.txt").unlink(missing_ok=True)
+    for stale in TASKS:  # a task not run this time must not leave an old table behind
+        (out / f"{stale}.csv").unlink(missing_ok=True)
+    log.info("suite %s: tasks %s -> %s", profile.name, ", ".join(tasks), out)
+    t0 = time.perf_counter()
+    for task in tasks:
+        for name in TASK_FILES[task] or []:
+            if not (data_dir() / name).exists():
+                meta["tasks"][task] = {"status": "skipped", "reason": f"{data_dir() / name} not found"}
+                log.warning("%s skipped: %s not found", task, data_dir() / name)
+                break
+        else:
+            meta["tasks"][task] = _run_task(task, profile, out, args)
+        _write_meta(out, meta)
+    if profile.peers:
+        import peers
+
+        try:
+            meta["peer_installs"] = peers.install_report(probe_missing=not args.no_probe_installs,
+                                                         cache=out / "peer_installs.json")
+        except Exception as err:  # noqa: BLE001 - the report must still be written
+            meta["peer_installs"] = [{"package": "?", "status": "probe failed", "detail": repr(err)}]
+    meta["wall_s"] = time.perf_counter() - t0  # the whole suite, install probes included
+    meta["peak_rss_mb"] = Meter.suite_peak_mb
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    _write_meta(out, meta)
+
+    import report_md
+
+    report_md.write(out, md)
+    log.info("suite done in %.0f s; wrote %s and %s", meta["wall_s"], out, md)
+    return 0 if all(t.get("status") in ("ok", "skipped") for t in meta["tasks"].values()) else 1
+
+
+def _run_task(task: str, profile, out: Path, args) -> dict:
+    import importlib
+
+    mod = importlib.import_module(f"task_{task}")
+    kwargs = {"offset": args.papalexi_offset} if task == "papalexi" else {}
+    try:
+        with Meter() as meter:
+            df = mod.run(profile, out, **kwargs)
+    except MissingData as err:
+        log.warning("%s skipped: %s", task, err)
+        return {"status": "skipped", "reason": str(err)}
+    except Exception as err:  # noqa: BLE001 - one failing task must not lose the others
+        log.error("%s failed:\n%s", task, traceback.format_exc())
+        return {"status": "failed", "error": f"{err.__class__.__name__}: {err}",
+                "traceback": traceback.format_exc()[-4000:]}
+    if df.empty:
+        log.warning("%s skipped: no results (data files missing?)", task)
+        return {"status": "skipped", "reason": "no results: no data file found (see the log)"}
+    df.to_csv(out / f"{task}.csv", index=False)
+    log.info("%s: %d rows in %.0f s (CPU %.0f s, peak RSS %.0f MiB) -> %s", task, len(df), meter.wall_s, meter.cpu_s,
+             meter.peak_rss_mb, out / f"{task}.csv")
+    return {"status": "ok", "wall_s": meter.wall_s, "cpu_s": meter.cpu_s, "peak_rss_mb": meter.peak_rss_mb,
+            "rows": len(df)}
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
