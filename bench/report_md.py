@@ -255,7 +255,9 @@ def _profile_text(p: dict) -> str:
         return "?"
     parts = [f"Lingshu preset `{p.get('preset')}`, training steps kang {p.get('kang_steps')} / papalexi "
              f"{p.get('papalexi_steps')} / generation {p.get('gen_steps')}",
-             f"predict {p.get('predict_steps')} steps with guidance {p.get('guidance_scale')}",
+             f"predict {p.get('predict_steps')} steps with guidance {p.get('guidance_scale')}"
+             + (f" (Kang: counterfactual start, mask fraction {p['kang_mask_fraction']})"
+                if p.get("kang_mask_fraction") else ""),
              f"generation sampling {p.get('gen_sample_steps')} steps",
              f"genes: top {p['max_genes']} HVGs picked on the training cells" if p.get("max_genes") else "all genes",
              f"generation data sets subsampled to <= {p['gen_max_cells']} cells" if p.get("gen_max_cells")

@@ -72,6 +72,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kang-types", default=None, help="override the held-out Kang cell types (comma-separated)")
     ap.add_argument("--datasets", default=None, help="override the generation data sets (comma-separated)")
     ap.add_argument("--state-steps", type=int, default=None, help="override STATE's training steps (0: skip STATE)")
+    ap.add_argument("--mask-fraction", type=float, default=None,
+                    help="Kang: predict in counterfactual mode, re-generating this fraction of each control "
+                         "cell's genes")
     ap.add_argument("--no-peers", action="store_true", help="skip scVI / scGen-style peers")
     ap.add_argument("--no-plots", action="store_true", help="skip the lingshu evaluate plots")
     ap.add_argument("--no-probe-installs", action="store_true",
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
-                           state_steps=args.state_steps, threads=threads)
+                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots)
     if mode == "full" and not args.smoke and not torch.cuda.is_available():
         log.warning("--full is sized for a GPU (preset %s, %s steps per model) but no CUDA device is visible; "

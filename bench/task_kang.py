@@ -68,6 +68,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         pin_threads()
         with Meter() as m_pred:
             pred = model.predict(source, [STIM], guidance_scale=profile.guidance_scale, steps=profile.predict_steps,
+                                 mask_fraction=profile.kang_mask_fraction,
                                  seed=profile.seed, device=device)
         with Meter() as m_eval:
             report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
