@@ -254,26 +254,22 @@ def simulate(
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance, seed=seed,
                                      device=device, progress=progress)
-    n = _write_chunks(chunks, out, model.genes, overwrite=overwrite)
+    n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)
 
 
-def _write_chunks(chunks, out: Path, genes: list[str], *, overwrite: bool) -> int:
+def _write_chunks(model, chunks, out: Path, *, overwrite: bool) -> int:
     """Stream chunks into an .h5ad (memory O(chunk)); other formats are assembled, then written."""
-    import anndata as ad
-
     from lingshu.h5ad_stream import H5adStreamWriter
     from lingshu.io import write_cells
 
     if out.suffix.lower() == ".h5ad":
-        with H5adStreamWriter(out, genes, overwrite=overwrite) as writer:
+        with H5adStreamWriter(out, model.genes, overwrite=overwrite) as writer:
             for chunk in chunks:
                 writer.append(chunk)
                 writer.uns = dict(chunk.uns)
         return writer.n_obs
-    parts = list(chunks)
-    sim = ad.concat(parts, merge="same")
-    sim.uns = parts[0].uns
+    sim = model.collect(chunks)
     write_cells(sim, out, overwrite=overwrite)
     return sim.n_obs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .errors import LingshuError
 from .sampler import sample_tokens
 from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
 from .trainer import Trainer, resolve_device
-from .validation import check_labels, counts_matrix, require_obs_keys
+from .validation import check_labels, counts_matrix, require_obs_keys, require_unique_genes
 
 __all__ = ["LingshuModel"]
 
@@ -62,9 +62,7 @@ class LingshuModel:
                  control: str | None = None, preset: str = "tiny", config: ModelConfig | None = None,
                  layer: str | None = None, seed: int = 0) -> None:
         genes = [str(g) for g in adata.var_names]
-        if len(set(genes)) != len(genes):
-            dup = pd.Index(genes)[pd.Index(genes).duplicated()][0]
-            raise LingshuError(f"gene names must be unique; {dup!r} occurs more than once (use adata.var_names_make_unique())")
+        require_unique_genes(genes)
         keys = self._keys(adata, context_keys, perturbation_key, control)
         x = counts_matrix(adata, layer)
         self._build(x, adata.obs, genes, keys, perturbation_key, control, preset, config, seed, x, block=0, buffer=0)
@@ -259,9 +257,18 @@ class LingshuModel:
         --------
         iter_simulate : the same cells, yielded in chunks (for output larger than memory).
         """
-        chunks = list(self.iter_simulate(conditions, **kwargs))
+        return self.collect(self.iter_simulate(conditions, **kwargs), conditions)
+
+    def collect(self, chunks: Iterable[ad.AnnData], conditions: pd.DataFrame | None = None) -> ad.AnnData:
+        """Assemble the chunks of :meth:`iter_simulate` / :meth:`iter_predict` into one AnnData.
+
+        With no chunks (0 cells), an empty AnnData with the model's genes and the columns of
+        ``conditions`` is returned.
+        """
+        chunks = list(chunks)
         if not chunks:
-            return self._chunk(sp.csr_matrix((0, len(self.genes)), dtype=np.float32), conditions.iloc[:0], 0, {})
+            obs = (conditions if conditions is not None else pd.DataFrame()).iloc[:0]
+            return self._chunk(sp.csr_matrix((0, len(self.genes)), dtype=np.float32), obs, 0, {})
         out = ad.concat(chunks, merge="same")
         out.uns = chunks[0].uns
         return out
@@ -377,10 +384,7 @@ class LingshuModel:
         Other keyword arguments go to :meth:`iter_simulate`. :meth:`iter_predict` yields the
         same cells in chunks.
         """
-        chunks = list(self.iter_predict(adata, perturbations, **kwargs))
-        out = ad.concat(chunks, merge="same")
-        out.uns = chunks[0].uns
-        return out
+        return self.collect(self.iter_predict(adata, perturbations, **kwargs))
 
     def iter_predict(self, adata: ad.AnnData, perturbations: Sequence[str], *, n_per_cell: int = 1,
                      guidance_scale: float = 2.0, steps: int = 3, seed: int = 0, mask_fraction: float | None = None,

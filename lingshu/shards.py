@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import LingshuError
-from .validation import check_count_values
+from .validation import check_count_values, require_unique_genes
 
 __all__ = ["ShardedCounts"]
 
@@ -138,10 +138,7 @@ class ShardedCounts:
         self.block, self.cache_blocks = int(block), int(cache_blocks)
         named = [[g for g in s.genes if g is not None] for s in self.shards]
         for s, genes in zip(self.shards, named):
-            if len(set(genes)) != len(genes):
-                dup = pd.Index(genes)[pd.Index(genes).duplicated()][0]
-                raise LingshuError(f"{s.path}: gene names must be unique; {dup!r} occurs more than once "
-                                   "(adata.var_names_make_unique())")
+            require_unique_genes(genes, str(s.path))
         common = set(named[0]).intersection(*named[1:])
         self.genes = [g for g in named[0] if g in common]
         if not self.genes:

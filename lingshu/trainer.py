@@ -210,7 +210,7 @@ class Trainer:
             x0, cond = self.stream.take(rows)
             x0, cond = x0.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
             cond = drop_conditions(cond, cfg.cond_dropout, u=noise.drop_u)
-            denom = len(noise.t) if not self.dist.active else self.stream.batch_size / self.dist.world
+            denom = self.stream.batch_size / self.dist.world  # this rank's share of the global batch
             sync = (not self.dist.active or a == cfg.grad_accum - 1)
             with (contextlib.nullcontext() if sync else self.objective.no_sync()):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -6,11 +6,13 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .errors import LingshuError
 
-__all__ = ["counts_matrix", "check_count_values", "require_obs_keys", "check_labels", "closest"]
+__all__ = ["counts_matrix", "check_count_values", "require_obs_keys", "require_unique_genes", "check_labels",
+           "closest"]
 
 _CHUNK = 4096
 _MAX_COUNT = 2**31 - 1  # no UMI count comes near; larger values would overflow the tokenizer
@@ -36,6 +38,15 @@ def require_obs_keys(adata, keys: Iterable[str]) -> None:
     if missing:
         avail = _fmt_list(list(adata.obs.columns)) or "(none)"
         raise LingshuError(f"obs column {missing[0]!r} not found; available: {avail}")
+
+
+def require_unique_genes(genes: Sequence[str], where: str = "") -> None:
+    """Raise if a gene name occurs twice (``where``: a prefix naming the file)."""
+    index = pd.Index(genes)
+    if not index.is_unique:
+        dup = index[index.duplicated()][0]
+        raise LingshuError(f"{where + ': ' if where else ''}gene names must be unique; {dup!r} occurs more than once "
+                           "(use adata.var_names_make_unique())")
 
 
 def check_labels(values: Iterable[str], known: Sequence[str], what: str) -> None:
