@@ -51,6 +51,11 @@ class ModelConfig:
         If set, ``group_size`` grows (when the model is built for a gene set) so that the
         genes fit in at most this many transformer tokens; CPU presets use it to keep
         attention affordable on whole transcriptomes. ``None``: ``group_size`` as given.
+    gene_bias
+        Give every gene its own output bias over the 281 value tokens, started at that
+        gene's token frequencies in the training data (smoothed towards all genes'), so
+        the head starts at each gene's marginal and the transformer learns the shifts.
+        ``False``: one bias for all genes (the published shared head).
     cond_broadcast
         Also add every condition embedding to each gene-group token (besides the
         prepended condition tokens of the published design), so conditions reach every
@@ -70,6 +75,7 @@ class ModelConfig:
     gene_dim: int = 8
     group_size: int = 16
     max_tokens: int | None = None
+    gene_bias: bool = True
     cond_broadcast: bool = True
     rope_base: float = 10000.0
     dropout: float = 0.0

@@ -110,6 +110,7 @@ class Denoiser(nn.Module):
         self.gene_out = nn.Parameter(torch.zeros(n_genes, d))
         self.head_norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, N_VALUE_TOKENS)  # shared across genes; never predicts MASK
+        self.gene_bias = nn.Parameter(torch.zeros(n_genes, N_VALUE_TOKENS)) if cfg.gene_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,6 +132,19 @@ class Denoiser(nn.Module):
         """
         f = torch.as_tensor(frequencies, dtype=torch.float32)
         self.head.bias.copy_(torch.log(f + 1e-8))
+
+    @torch.no_grad()
+    def init_gene_bias(self, frequencies) -> None:
+        """Start each gene's output at its own marginal: ``gene_bias[g] = log p_g`` (``(G, 281)``).
+
+        The shared head bias is zeroed so the two do not add up; without a per-gene bias
+        (``ModelConfig.gene_bias=False``) this does nothing.
+        """
+        if self.gene_bias is None:
+            return
+        f = torch.as_tensor(frequencies, dtype=torch.float32)
+        self.gene_bias.copy_(torch.log(f + 1e-8))
+        self.head.bias.zero_()
 
     @property
     def n_cond(self) -> int:
@@ -170,9 +184,16 @@ class Denoiser(nn.Module):
         h = self.group_out(x).reshape(b, self.n_groups * s, d)[:, :g]  # (B, G, D) permuted order
         return h[:, self.inv_perm] + self.gene_out  # (B, G, D) gene order
 
-    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Value-token logits ``(..., 281)`` of per-gene features ``(..., D)``."""
-        return self.head(self.head_norm(h))
+    def head_logits(self, h: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
+        """Value-token logits ``(..., 281)`` of per-gene features ``(..., D)``.
+
+        ``genes``: the gene index of every feature row (shape ``h.shape[:-1]``), needed for
+        the per-gene bias; ``None`` when ``h`` holds all genes in order on its second-to-last axis.
+        """
+        out = self.head(self.head_norm(h))
+        if self.gene_bias is None:
+            return out
+        return out + (self.gene_bias if genes is None else self.gene_bias[genes]).to(out.dtype)
 
     def forward(self, xt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, G, 281)`` for every gene (memory heavy; training uses masked positions only)."""

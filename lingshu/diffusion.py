@@ -112,11 +112,11 @@ def _masked_ce(denoiser, h: torch.Tensor, x0: torch.Tensor, rows: tuple[torch.Te
     does not grow with the number of masked genes.
     """
     if torch.is_grad_enabled() or len(rows[0]) <= _EVAL_CHUNK:
-        return F.cross_entropy(denoiser.head_logits(h[rows]).float(), x0[rows], reduction="none")
+        return F.cross_entropy(denoiser.head_logits(h[rows], rows[1]).float(), x0[rows], reduction="none")
     out = []
     for s in range(0, len(rows[0]), _EVAL_CHUNK):
         r = (rows[0][s:s + _EVAL_CHUNK], rows[1][s:s + _EVAL_CHUNK])
-        out.append(F.cross_entropy(denoiser.head_logits(h[r]).float(), x0[r], reduction="none"))
+        out.append(F.cross_entropy(denoiser.head_logits(h[r], r[1]).float(), x0[r], reduction="none"))
     return torch.cat(out)
 
 

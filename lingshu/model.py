@@ -20,7 +20,7 @@ from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
 from .sampler import sample_tokens
-from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
+from .tokenizer import MASK_ID, CountTokenizer, gene_token_frequencies, token_frequencies
 from .trainer import Trainer, resolve_device
 from .validation import check_labels, counts_matrix, require_obs_keys, require_unique_genes
 
@@ -130,6 +130,8 @@ class LingshuModel:
         torch.manual_seed(seed)
         self.denoiser = Denoiser(model_cfg, len(genes), vocab.sizes())
         self.denoiser.init_head_bias(token_frequencies(fit))
+        if model_cfg.gene_bias:
+            self.denoiser.init_gene_bias(gene_token_frequencies(fit))
         self.history: dict[str, Any] = {}
         self._trainer: Trainer | None = None
 
@@ -455,7 +457,8 @@ class LingshuModel:
             self = cls.__new__(cls)
             self._setup(list(m["genes"]), Vocabulary(list(c["keys"]), {k: list(v) for k, v in c["labels"].items()}),
                         list(c["context_keys"]), c["perturbation_key"], c["control"],
-                        from_dict(ModelConfig, m["model_config"]), CountTokenizer.from_state(m["tokenizer"]))
+                        from_dict(ModelConfig, {"gene_bias": False} | m["model_config"]),  # written before gene_bias
+                        CountTokenizer.from_state(m["tokenizer"]))
             self.preset, self.train_config = m.get("preset", "custom"), from_dict(TrainConfig, m["train_config"])
             self._freq, self.history, self._trainer = c["frequencies"], m.get("training", {}), None
         except (KeyError, TypeError, ValueError) as e:

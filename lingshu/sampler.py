@@ -66,9 +66,9 @@ def _draw_at(denoiser, h_cond, h_ref, rows, cols, w, generator, chunk: int = 409
     logps = torch.empty(n, dtype=torch.float64, device=rows.device)  # allocations between chunks
     for s in range(0, n, chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
-        lr = denoiser.head_logits(h_ref[r, c]).float() if h_ref is not None else None
-        z = guided_log_probs(denoiser.head_logits(h_cond[r, c]).float(), lr, w) if lr is not None and w != 0 \
-            else denoiser.head_logits(h_cond[r, c]).double()
+        lr = denoiser.head_logits(h_ref[r, c], c).float() if h_ref is not None else None
+        z = guided_log_probs(denoiser.head_logits(h_cond[r, c], c).float(), lr, w) if lr is not None and w != 0 \
+            else denoiser.head_logits(h_cond[r, c], c).double()
         p = torch.softmax(z, dim=-1)  # (M, V) float64
         v = _inverse_cdf(p, generator)
         values[s:s + chunk] = v

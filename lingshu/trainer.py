@@ -133,7 +133,7 @@ class Trainer:
         self.stream, self.val_stream, self.on_checkpoint = stream, val_stream, on_checkpoint
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (decay if p.dim() >= 2 and "norm" not in name else no_decay).append(p)
+            (decay if p.dim() >= 2 and "norm" not in name and not name.endswith("bias") else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")

@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from lingshu import LingshuError, LingshuModel
+from lingshu.config import preset
 from tests.conftest import make_counts
 
 
@@ -90,6 +91,35 @@ def test_load_refuses_other_format_version(tmp_path):
     manifest.write_text(json.dumps(d))
     with pytest.raises(LingshuError, match="format_version 99"):
         LingshuModel.load(tmp_path / "run")
+
+
+def test_untrained_model_starts_at_each_genes_marginal():
+    # genes whose means span 0.05 .. 40 counts: a shared head can only give them one distribution
+    rng = np.random.default_rng(1)
+    means = np.geomspace(0.05, 40, 30)
+    a = make_counts(n_cells=300, n_genes=30, seed=1)
+    a.X = sp.csr_matrix(rng.poisson(means, size=(300, 30)).astype(np.float32))
+    for gene_bias, ok in ((True, True), (False, False)):
+        cfg = preset("tiny").model
+        cfg.gene_bias = gene_bias
+        m = LingshuModel(a, context_keys=["cell_type"], preset="tiny", config=cfg)
+        sim = np.asarray(m.generate(300, steps=1, seed=0).X.mean(0)).ravel()
+        close = np.abs(np.log1p(sim) - np.log1p(means)) < 0.25
+        assert close.all() == ok, (gene_bias, sim.round(2))
+
+
+def test_checkpoint_written_before_gene_bias_still_loads(tmp_path):
+    cfg = preset("tiny").model
+    cfg.gene_bias = False
+    m = LingshuModel(make_counts(), context_keys=["cell_type"], preset="tiny", config=cfg)
+    m.save(tmp_path / "run")
+    manifest = tmp_path / "run" / "lingshu.json"
+    d = json.loads(manifest.read_text())
+    del d["model_config"]["gene_bias"]  # as written by Lingshu before the per-gene bias existed
+    manifest.write_text(json.dumps(d))
+    back = LingshuModel.load(tmp_path / "run")
+    assert back.model_config.gene_bias is False
+    assert (back.generate(5, steps=2, seed=0).X != m.generate(5, steps=2, seed=0).X).nnz == 0
 
 
 def test_load_detects_truncated_weights(tmp_path):
