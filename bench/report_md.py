@@ -369,6 +369,9 @@ def write(out: Path, md: Path) -> str:
     if notes.exists() and notes.read_text().strip():
         lines += ["## Notes from this run", ""] + [f"- {n}" for n in notes.read_text().splitlines() if n.strip()]
         lines.append("")
+    changes = Path(__file__).resolve().parent / "model_changes.md"
+    if changes.exists():
+        lines += [changes.read_text().rstrip(), ""]
     lines += ["## Method notes", "",
               "- `lingshu evaluate` reports Pearson-delta on all genes; `pearson_delta_top100` (Pearson-delta on "
               "the 100 genes with the smallest real Mann-Whitney p-value vs control, ties by |log2 FC|) is added "

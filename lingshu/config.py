@@ -56,6 +56,11 @@ class ModelConfig:
         gene's token frequencies in the training data (smoothed towards all genes'), so
         the head starts at each gene's marginal and the transformer learns the shifts.
         ``False``: one bias for all genes (the published shared head).
+    library_bins
+        Condition on each cell's library size (total counts over the modelled genes) in
+        this many quantile bins (:mod:`lingshu.library`): training sees each cell's own bin,
+        generation draws bins from the training cells of the same conditions, prediction
+        from real cells keeps the source cell's bin. ``0``: off (the published design).
     cond_broadcast
         Also add every condition embedding to each gene-group token (besides the
         prepended condition tokens of the published design), so conditions reach every
@@ -76,6 +81,7 @@ class ModelConfig:
     group_size: int = 16
     max_tokens: int | None = None
     gene_bias: bool = True
+    library_bins: int = 10
     cond_broadcast: bool = True
     rope_base: float = 10000.0
     dropout: float = 0.0
@@ -88,6 +94,7 @@ class ModelConfig:
                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         _check((self.d_model // self.n_heads) % 2 == 0,
                f"ModelConfig head width d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        _check(self.library_bins >= 0, f"ModelConfig.library_bins must be >= 0, got {self.library_bins}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 

@@ -193,7 +193,9 @@ class Denoiser(nn.Module):
         out = self.head(self.head_norm(h))
         if self.gene_bias is None:
             return out
-        return out + (self.gene_bias if genes is None else self.gene_bias[genes]).to(out.dtype)
+        # F.embedding, not gene_bias[genes]: its CPU backward sums repeated genes in a fixed order
+        # (indexing's does not with several threads, which broke bit-for-bit resumes)
+        return out + (self.gene_bias if genes is None else F.embedding(genes, self.gene_bias)).to(out.dtype)
 
     def forward(self, xt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, G, 281)`` for every gene (memory heavy; training uses masked positions only)."""

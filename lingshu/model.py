@@ -19,6 +19,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
+from .library import LibrarySize
 from .sampler import sample_tokens
 from .tokenizer import MASK_ID, CountTokenizer, gene_token_frequencies, token_frequencies
 from .trainer import Trainer, resolve_device
@@ -28,6 +29,15 @@ __all__ = ["LingshuModel"]
 
 log = logging.getLogger(__name__)
 _CHUNK_CELLS = 1024  # simulated cells per chunk: memory O(chunk x genes)
+
+
+# settings absent from manifests written before they existed take the value that reproduces those models
+_OLD_DEFAULTS = {"gene_bias": False, "library_bins": 0}
+
+
+def _library(conditions: Mapping[str, Any]) -> LibrarySize | None:
+    state = conditions.get("library_size")
+    return LibrarySize.from_state(state) if state is not None else None
 
 
 def _version() -> str:
@@ -93,9 +103,9 @@ class LingshuModel:
         counts = ShardedCounts(paths, layer=layer, block=block, cache_blocks=buffer)
         self = cls.__new__(cls)
         keys = self._keys(counts, context_keys, perturbation_key, control)
-        sample = counts.sample(fit_cells, seed)
+        sample, rows = counts.sample(fit_cells, seed, return_rows=True)
         self._build(counts, counts.obs, counts.genes, keys, perturbation_key, control, preset, config, seed, sample,
-                    block=block, buffer=buffer)
+                    block=block, buffer=buffer, fit_rows=rows)
         log.info("streaming %d cells x %d genes from %d file(s) in blocks of %d cells (buffer %d blocks)",
                  counts.shape[0], counts.shape[1], len(counts.shards), block, buffer)
         return self
@@ -115,7 +125,7 @@ class LingshuModel:
 
     def _build(self, x, obs: pd.DataFrame, genes: list[str], keys: tuple[list[str], list[str]],
                perturbation_key: str | None, control: str | None, preset: str, config: ModelConfig | None, seed: int,
-               fit: sp.spmatrix, *, block: int, buffer: int) -> None:
+               fit: sp.spmatrix, *, block: int, buffer: int, fit_rows: np.ndarray | None = None) -> None:
         context_keys, all_keys = keys
         vocab = Vocabulary.from_obs(obs, all_keys)
         if control is not None:
@@ -127,8 +137,10 @@ class LingshuModel:
         self._x, self._cond = x, vocab.encode(obs)
         self._block, self._buffer = block, buffer
         self._freq = self._frequencies(self._cond)
+        self.library = (LibrarySize.fit(fit, self._cond if fit_rows is None else self._cond[fit_rows],
+                                        model_cfg.library_bins) if model_cfg.library_bins else None)
         torch.manual_seed(seed)
-        self.denoiser = Denoiser(model_cfg, len(genes), vocab.sizes())
+        self.denoiser = Denoiser(model_cfg, len(genes), self._cond_sizes())
         self.denoiser.init_head_bias(token_frequencies(fit))
         if model_cfg.gene_bias:
             self.denoiser.init_gene_bias(gene_token_frequencies(fit))
@@ -139,6 +151,19 @@ class LingshuModel:
         self.genes, self.vocab, self.context_keys = genes, vocab, context_keys
         self.perturbation_key, self.control = perturbation_key, control
         self.model_config, self.tokenizer = model_cfg, tokenizer
+
+    def _cond_sizes(self) -> list[int]:
+        """Vocabulary size of each condition token: the obs keys, then the library-size bins."""
+        return self.vocab.sizes() + ([self.library.n_bins] if self.library is not None else [])
+
+    def _with_library(self, cond: np.ndarray, ref: np.ndarray | None, start_counts, seed: int):
+        """Append the library-size column: the start cells' own bins, else bins drawn per condition."""
+        if self.library is None:
+            return cond, ref
+        ids = (self.library.ids(start_counts) if start_counts is not None
+               else self.library.draw(cond, np.random.default_rng([seed, 7])))[:, None]
+        return (np.concatenate([cond, ids], axis=1),
+                None if ref is None else np.concatenate([ref, ids], axis=1))
 
     @staticmethod
     def _frequencies(cond: np.ndarray) -> list[list[int]]:
@@ -202,8 +227,8 @@ class LingshuModel:
         dev = resolve_device(cfg.device)
         train_idx, val_idx = split_indices(len(self._cond), cfg.val_fraction, cfg.seed, block=self._block)
         stream = BatchStream(self._x, self._cond, train_idx, cfg.batch_size, self.tokenizer, cfg.seed,
-                             block=self._block, buffer=self._buffer)
-        val = (BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed)
+                             block=self._block, buffer=self._buffer, library=self.library)
+        val = (BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed, library=self.library)
                if len(val_idx) else None)
         self.train_config = cfg
         on_ckpt = (lambda tr: self._write(out_dir, tr)) if out_dir is not None else None
@@ -225,9 +250,10 @@ class LingshuModel:
             raise LingshuError("--resume: the data's genes differ from the checkpoint's; resume with the same input file")
         if manifest["conditions"]["labels"] != self.vocab.labels or manifest["conditions"]["keys"] != self.vocab.keys:
             raise LingshuError("--resume: the condition keys or labels differ from the checkpoint's")
-        self.model_config = from_dict(ModelConfig, manifest["model_config"])
+        self.model_config = from_dict(ModelConfig, _OLD_DEFAULTS | manifest["model_config"])
         self.tokenizer = CountTokenizer.from_state(manifest["tokenizer"])
-        self.denoiser = Denoiser(self.model_config, len(self.genes), self.vocab.sizes())
+        self.library = _library(manifest["conditions"])
+        self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())
 
     # ----------------------------------------------------------------- sample
     def _reference(self, cond: np.ndarray, reference: str) -> np.ndarray:
@@ -292,6 +318,7 @@ class LingshuModel:
         conditions = conditions.reset_index(drop=True)
         cond = self.vocab.encode(conditions, allow_missing_keys=True)
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 else None
+        cond, ref = self._with_library(cond, ref, start_counts, seed)
         dev = resolve_device(device)
         self.denoiser.to(dev)
         fixed = self._prior_tokens(prior)
@@ -435,7 +462,8 @@ class LingshuModel:
             "permutation": self.denoiser.perm.tolist(),
             "conditions": {"keys": self.vocab.keys, "labels": self.vocab.labels, "context_keys": self.context_keys,
                            "perturbation_key": self.perturbation_key, "control": self.control,
-                           "frequencies": self._freq},
+                           "frequencies": self._freq,
+                           "library_size": None if self.library is None else self.library.state_dict()},
             "training": hist,
         }
 
@@ -457,13 +485,14 @@ class LingshuModel:
             self = cls.__new__(cls)
             self._setup(list(m["genes"]), Vocabulary(list(c["keys"]), {k: list(v) for k, v in c["labels"].items()}),
                         list(c["context_keys"]), c["perturbation_key"], c["control"],
-                        from_dict(ModelConfig, {"gene_bias": False} | m["model_config"]),  # written before gene_bias
+                        from_dict(ModelConfig, _OLD_DEFAULTS | m["model_config"]),
                         CountTokenizer.from_state(m["tokenizer"]))
             self.preset, self.train_config = m.get("preset", "custom"), from_dict(TrainConfig, m["train_config"])
             self._freq, self.history, self._trainer = c["frequencies"], m.get("training", {}), None
+            self.library = _library(c)
         except (KeyError, TypeError, ValueError) as e:
             raise LingshuError(f"{path}: malformed manifest ({e.__class__.__name__}: {e})") from None
-        self.denoiser = Denoiser(self.model_config, len(self.genes), self.vocab.sizes())
+        self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())
         weights = ckpt.read_tensors(path)
         if m["permutation"] != weights["perm"].tolist():
             raise LingshuError(f"{path}: gene permutation in the weights differs from the manifest")

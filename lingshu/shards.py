@@ -224,15 +224,20 @@ class ShardedCounts:
         stacked = sp.vstack([m for _, m in out], format="csr")
         return stacked[np.argsort(order)]
 
-    def sample(self, n_cells: int, seed: int = 0) -> sp.csr_matrix:
-        """About ``n_cells`` cells from whole blocks spread over the data (for fitting the tokenizer)."""
+    def sample(self, n_cells: int, seed: int = 0, return_rows: bool = False):
+        """About ``n_cells`` cells from whole blocks spread over the data (for fitting the tokenizer).
+
+        Returns the CSR matrix, and with ``return_rows`` also the row number of each of its cells.
+        """
         rng = np.random.default_rng(seed)
         n_blocks = -(-self.shape[0] // self.block)
-        chosen, parts, total = rng.permutation(n_blocks), [], 0
+        chosen, parts, rows, total = rng.permutation(n_blocks), [], [], 0
         for b in chosen:
-            m = self._read(int(b) * self.block, min((int(b) + 1) * self.block, self.shape[0]))
-            parts.append(m)
-            total += m.shape[0]
+            lo, hi = int(b) * self.block, min((int(b) + 1) * self.block, self.shape[0])
+            parts.append(self._read(lo, hi))
+            rows.append(np.arange(lo, hi))
+            total += hi - lo
             if total >= n_cells:
                 break
-        return sp.vstack(parts, format="csr")
+        out = sp.vstack(parts, format="csr")
+        return (out, np.concatenate(rows)) if return_rows else out

@@ -108,17 +108,17 @@ def test_untrained_model_starts_at_each_genes_marginal():
         assert close.all() == ok, (gene_bias, sim.round(2))
 
 
-def test_checkpoint_written_before_gene_bias_still_loads(tmp_path):
+def test_checkpoint_written_before_gene_bias_and_library_size_still_loads(tmp_path):
     cfg = preset("tiny").model
-    cfg.gene_bias = False
+    cfg.gene_bias, cfg.library_bins = False, 0
     m = LingshuModel(make_counts(), context_keys=["cell_type"], preset="tiny", config=cfg)
     m.save(tmp_path / "run")
     manifest = tmp_path / "run" / "lingshu.json"
     d = json.loads(manifest.read_text())
-    del d["model_config"]["gene_bias"]  # as written by Lingshu before the per-gene bias existed
-    manifest.write_text(json.dumps(d))
+    del d["model_config"]["gene_bias"], d["model_config"]["library_bins"], d["conditions"]["library_size"]
+    manifest.write_text(json.dumps(d))  # as written by Lingshu before either existed
     back = LingshuModel.load(tmp_path / "run")
-    assert back.model_config.gene_bias is False
+    assert back.model_config.gene_bias is False and back.library is None
     assert (back.generate(5, steps=2, seed=0).X != m.generate(5, steps=2, seed=0).X).nnz == 0
 
 
