@@ -94,7 +94,8 @@ class LingshuModel:
             ``block x buffer`` cells).
         fit_cells
             Cells (whole blocks spread over the data) used to fit the tokenizer's within-bin
-            decoder and the output-head initialisation.
+            decoder, the output-head initialisation and the library-size bins (and their
+            frequencies per condition, used when generating).
         context_keys, perturbation_key, control, preset, config, layer, seed
             As for :class:`LingshuModel`.
         """
