@@ -52,10 +52,11 @@ class ModelConfig:
         genes fit in at most this many transformer tokens; CPU presets use it to keep
         attention affordable on whole transcriptomes. ``None``: ``group_size`` as given.
     gene_bias
-        Give every gene its own output bias over the 281 value tokens, started at that
-        gene's token frequencies in the training data (smoothed towards all genes'), so
-        the head starts at each gene's marginal and the transformer learns the shifts.
-        ``False``: one bias for all genes (the published shared head).
+        Add a learned per-gene bias over the 281 value tokens to the shared head's logits
+        (started at 0, so step 0 is the published head; trained without weight decay): room
+        for genes whose counts a shared head over ``gene_dim`` features reaches slowly.
+        ``False``: the published shared head only. Starting it at each gene's marginal
+        instead was measured and rejected: cell identity was learned much later.
     library_bins
         Condition on each cell's library size (total counts over the modelled genes) in
         this many quantile bins (:mod:`lingshu.library`): training sees each cell's own bin,

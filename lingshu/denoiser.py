@@ -116,7 +116,7 @@ class Denoiser(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-style init: N(0, 0.02); residual projections scaled by depth."""
         for name, p in self.named_parameters():
-            if p.dim() < 2 or name.endswith("gene_emb") or name.endswith("gene_out"):
+            if p.dim() < 2 or name.endswith(("gene_emb", "gene_out", "gene_bias")):  # gene_bias stays 0
                 continue
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("proj.weight", "w_down.weight")) else 0.02
             nn.init.normal_(p, 0.0, std)
@@ -132,19 +132,6 @@ class Denoiser(nn.Module):
         """
         f = torch.as_tensor(frequencies, dtype=torch.float32)
         self.head.bias.copy_(torch.log(f + 1e-8))
-
-    @torch.no_grad()
-    def init_gene_bias(self, frequencies) -> None:
-        """Start each gene's output at its own marginal: ``gene_bias[g] = log p_g`` (``(G, 281)``).
-
-        The shared head bias is zeroed so the two do not add up; without a per-gene bias
-        (``ModelConfig.gene_bias=False``) this does nothing.
-        """
-        if self.gene_bias is None:
-            return
-        f = torch.as_tensor(frequencies, dtype=torch.float32)
-        self.gene_bias.copy_(torch.log(f + 1e-8))
-        self.head.bias.zero_()
 
     @property
     def n_cond(self) -> int:

@@ -21,7 +21,7 @@ from .denoiser import Denoiser
 from .errors import LingshuError
 from .library import LibrarySize
 from .sampler import sample_tokens
-from .tokenizer import MASK_ID, CountTokenizer, gene_token_frequencies, token_frequencies
+from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
 from .trainer import Trainer, resolve_device
 from .validation import check_labels, counts_matrix, require_obs_keys, require_unique_genes
 
@@ -142,9 +142,7 @@ class LingshuModel:
                                         model_cfg.library_bins) if model_cfg.library_bins else None)
         torch.manual_seed(seed)
         self.denoiser = Denoiser(model_cfg, len(genes), self._cond_sizes())
-        self.denoiser.init_head_bias(token_frequencies(fit))
-        if model_cfg.gene_bias:
-            self.denoiser.init_gene_bias(gene_token_frequencies(fit))
+        self.denoiser.init_head_bias(token_frequencies(fit))  # per-gene biases (gene_bias) start at 0
         self.history: dict[str, Any] = {}
         self._trainer: Trainer | None = None
 

@@ -27,8 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["CountTokenizer", "N_VALUE_TOKENS", "MASK_ID", "VOCAB_SIZE", "encode_values", "token_frequencies",
-           "gene_token_frequencies"]
+__all__ = ["CountTokenizer", "N_VALUE_TOKENS", "MASK_ID", "VOCAB_SIZE", "encode_values", "token_frequencies"]
 
 N_VALUE_TOKENS = 281
 MASK_ID = 281
@@ -63,24 +62,6 @@ def token_frequencies(x: sp.spmatrix) -> np.ndarray:
     counts = np.bincount(encode_values(x.data), minlength=N_VALUE_TOKENS).astype(np.float64)
     counts[0] += x.shape[0] * x.shape[1] - x.nnz - np.sum(x.data == 0)
     return counts / max(counts.sum(), 1.0)
-
-
-def gene_token_frequencies(x: sp.spmatrix, prior_cells: float = 1.0) -> np.ndarray:
-    """Each gene's value-token frequencies ``(G, 281)``, smoothed towards all genes' frequencies.
-
-    ``p_g = (n_g + a * p) / (N + a)`` with ``n_g`` the gene's token counts over ``N`` cells,
-    ``p`` the pooled frequencies (:func:`token_frequencies`) and ``a = prior_cells``: a token
-    never seen for a gene keeps a small, non-zero probability. Built from the CSR entries
-    (zeros counted as ``N - non-zeros`` per gene); memory ``O(G x 281)``.
-    """
-    x = sp.csr_matrix(x)
-    x.sum_duplicates()
-    n_cells, n_genes = x.shape
-    flat = x.indices.astype(np.int64) * N_VALUE_TOKENS + encode_values(x.data)
-    counts = np.bincount(flat, minlength=n_genes * N_VALUE_TOKENS).astype(np.float64).reshape(n_genes, N_VALUE_TOKENS)
-    counts[:, 0] += n_cells - counts.sum(1)  # implicit zeros
-    pooled = token_frequencies(x)
-    return (counts + prior_cells * pooled) / (n_cells + prior_cells)
 
 
 @dataclass

@@ -9,8 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lingshu.tokenizer import (MASK_ID, N_VALUE_TOKENS, CountTokenizer, encode_values, gene_token_frequencies,
-                               token_frequencies)
+from lingshu.tokenizer import MASK_ID, N_VALUE_TOKENS, CountTokenizer, encode_values, token_frequencies
 
 
 @pytest.mark.parametrize("count,token", [(0, 0), (1, 1), (99, 99), (100, 100), (109, 100), (110, 101),
@@ -77,15 +76,3 @@ def test_token_frequencies_count_implicit_zeros():
     x = sp.csr_matrix(np.array([[0, 0, 3], [0, 120, 0]], dtype=np.float32))
     f = token_frequencies(x)
     assert f[0] == pytest.approx(4 / 6) and f[3] == pytest.approx(1 / 6) and f[102] == pytest.approx(1 / 6)
-
-
-def test_gene_token_frequencies_match_a_dense_count_per_gene():
-    rng = np.random.default_rng(0)
-    dense = rng.negative_binomial(1, rng.uniform(0.002, 0.9, size=7), size=(50, 7))  # very different genes
-    freq = gene_token_frequencies(sp.csr_matrix(dense), prior_cells=0.0)
-    want = np.stack([np.bincount(encode_values(dense[:, g]), minlength=N_VALUE_TOKENS) / 50 for g in range(7)])
-    np.testing.assert_allclose(freq, want, atol=1e-12)
-    smoothed = gene_token_frequencies(sp.csr_matrix(dense), prior_cells=10.0)
-    np.testing.assert_allclose(smoothed.sum(1), 1.0)
-    seen_somewhere = token_frequencies(sp.csr_matrix(dense)) > 0
-    assert np.all(smoothed[:, seen_somewhere] > 0)  # a token seen for any gene stays possible for every gene
