@@ -31,6 +31,11 @@ def _unique_rows(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inverse.ravel()
 
 
+def _bin_index(edges: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """0-based bin of each ``log1p`` total."""
+    return np.searchsorted(edges, totals, side="right")
+
+
 def _totals(counts) -> np.ndarray:
     """``log1p`` of each row's total count, ``(N,)`` float64."""
     return np.log1p(np.asarray(counts.sum(axis=1), dtype=np.float64).ravel())
@@ -65,20 +70,15 @@ class LibrarySize:
         if len(tot) != len(cond):
             raise LingshuError(f"library sizes of {len(tot)} cells but conditions of {len(cond)}")
         edges = np.unique(np.quantile(tot, np.linspace(0, 1, n_bins + 1)[1:-1])) if len(tot) else np.zeros(0)
-        self = cls(edges, np.zeros((0, cond.shape[1]), np.int64), np.zeros((0, len(edges) + 1), np.int64))
-        ids = self._bin(tot) - 1
         combos, inverse = _unique_rows(cond)
-        table = np.zeros((len(combos), self.n_bins), dtype=np.int64)
-        np.add.at(table, (inverse, ids), 1)
-        self.combos, self.counts = combos.astype(np.int64), table
-        return self
-
-    def _bin(self, totals: np.ndarray) -> np.ndarray:
-        return 1 + np.searchsorted(self.edges, totals, side="right")
+        table = np.zeros((len(combos), len(edges) + 1), dtype=np.int64)
+        np.add.at(table, (inverse, _bin_index(edges, tot)), 1)
+        return cls(edges, combos.astype(np.int64), table)
 
     def ids(self, counts) -> np.ndarray:
         """Bin ids ``(N,)`` (1-based) of the cells in a count matrix (rows = cells)."""
-        return self._bin(_totals(counts if sp.issparse(counts) else np.asarray(counts))).astype(np.int64)
+        tot = _totals(counts if sp.issparse(counts) else np.asarray(counts))
+        return (1 + _bin_index(self.edges, tot)).astype(np.int64)
 
     def draw(self, cond: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A bin id per row of ``cond``, drawn from the training cells of the same conditions.
@@ -98,12 +98,9 @@ class LibrarySize:
         return out
 
     def _weights(self, row: np.ndarray) -> np.ndarray:
+        hits = (self.combos == row) | (row == 0)  # (M, K): combination agrees with the row on key j
         for k in range(len(row), -1, -1):
-            match = np.ones(len(self.combos), dtype=bool)
-            for j in range(k):
-                if row[j] != 0:
-                    match &= self.combos[:, j] == row[j]
-            w = self.counts[match].sum(0).astype(np.float64)
+            w = self.counts[hits[:, :k].all(axis=1)].sum(0).astype(np.float64)
             if w.sum() > 0:
                 return w
         return np.ones(self.n_bins)

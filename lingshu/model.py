@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 _CHUNK_CELLS = 1024  # simulated cells per chunk: memory O(chunk x genes)
 
 
-# settings absent from manifests written before they existed take the value that reproduces those models
-_OLD_DEFAULTS = {"gene_bias": False, "library_bins": 0}
+def _model_config(manifest: Mapping[str, Any]) -> ModelConfig:
+    """The manifest's model config; settings added later take the values that reproduce older models."""
+    return from_dict(ModelConfig, {"gene_bias": False, "library_bins": 0} | manifest["model_config"])
 
 
 def _library(conditions: Mapping[str, Any]) -> LibrarySize | None:
@@ -104,7 +105,7 @@ class LingshuModel:
         counts = ShardedCounts(paths, layer=layer, block=block, cache_blocks=buffer)
         self = cls.__new__(cls)
         keys = self._keys(counts, context_keys, perturbation_key, control)
-        sample, rows = counts.sample(fit_cells, seed, return_rows=True)
+        sample, rows = counts.sample(fit_cells, seed)
         self._build(counts, counts.obs, counts.genes, keys, perturbation_key, control, preset, config, seed, sample,
                     block=block, buffer=buffer, fit_rows=rows)
         log.info("streaming %d cells x %d genes from %d file(s) in blocks of %d cells (buffer %d blocks)",
@@ -249,7 +250,7 @@ class LingshuModel:
             raise LingshuError("--resume: the data's genes differ from the checkpoint's; resume with the same input file")
         if manifest["conditions"]["labels"] != self.vocab.labels or manifest["conditions"]["keys"] != self.vocab.keys:
             raise LingshuError("--resume: the condition keys or labels differ from the checkpoint's")
-        self.model_config = from_dict(ModelConfig, _OLD_DEFAULTS | manifest["model_config"])
+        self.model_config = _model_config(manifest)
         self.tokenizer = CountTokenizer.from_state(manifest["tokenizer"])
         self.library = _library(manifest["conditions"])
         self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())
@@ -484,8 +485,7 @@ class LingshuModel:
             self = cls.__new__(cls)
             self._setup(list(m["genes"]), Vocabulary(list(c["keys"]), {k: list(v) for k, v in c["labels"].items()}),
                         list(c["context_keys"]), c["perturbation_key"], c["control"],
-                        from_dict(ModelConfig, _OLD_DEFAULTS | m["model_config"]),
-                        CountTokenizer.from_state(m["tokenizer"]))
+                        _model_config(m), CountTokenizer.from_state(m["tokenizer"]))
             self.preset, self.train_config = m.get("preset", "custom"), from_dict(TrainConfig, m["train_config"])
             self._freq, self.history, self._trainer = c["frequencies"], m.get("training", {}), None
             self.library = _library(c)

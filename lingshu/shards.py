@@ -224,10 +224,10 @@ class ShardedCounts:
         stacked = sp.vstack([m for _, m in out], format="csr")
         return stacked[np.argsort(order)]
 
-    def sample(self, n_cells: int, seed: int = 0, return_rows: bool = False):
+    def sample(self, n_cells: int, seed: int = 0) -> tuple[sp.csr_matrix, np.ndarray]:
         """About ``n_cells`` cells from whole blocks spread over the data (for fitting the tokenizer).
 
-        Returns the CSR matrix, and with ``return_rows`` also the row number of each of its cells.
+        Returns the CSR matrix and the row number of each of its cells.
         """
         rng = np.random.default_rng(seed)
         n_blocks = -(-self.shape[0] // self.block)
@@ -239,5 +239,4 @@ class ShardedCounts:
             total += hi - lo
             if total >= n_cells:
                 break
-        out = sp.vstack(parts, format="csr")
-        return (out, np.concatenate(rows)) if return_rows else out
+        return sp.vstack(parts, format="csr"), np.concatenate(rows)

@@ -50,8 +50,8 @@ def test_tiny_model_learns_cell_types(pbmc):
         r = np.corrcoef(test_x[labels == t].mean(0), sim_x[labels == t].mean(0))[0, 1]
         ceiling = np.corrcoef(test_x[labels == t].mean(0), real_x[train_labels == t].mean(0))[0, 1]
         assert r > 0.8 and r > ceiling - 0.1, (t, r, ceiling)
-    # and library sizes are realistic, in the middle and in their spread across cells (measured with
-    # the default tiny model: IQR ratio 0.82; a model that collapses library sizes gives far less)
+    # and library sizes are realistic, in the middle and in their spread across cells
+    # (measured with the default tiny model: IQR ratio 0.82)
     lib_sim, lib_real = np.log1p(np.asarray(sim.X.sum(1)).ravel()), np.log1p(np.asarray(test.X.sum(1)).ravel())
     assert 0.7 < np.exp(np.median(lib_sim) - np.median(lib_real)) < 1.3
     iqr = np.subtract(*np.percentile(lib_sim, [75, 25])) / np.subtract(*np.percentile(lib_real, [75, 25]))
