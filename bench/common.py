@@ -70,7 +70,8 @@ class Profile:
     preset: str
     device: str = "auto"
     seed: int = 0
-    threads: int | None = None  # torch / BLAS threads; None = all cores
+    threads: int | None = None  # torch / BLAS threads per process; None = all cores
+    jobs: int = 1  # tasks run at once, each in its own process with `threads` threads
     # Lingshu training / sampling
     kang_steps: int | None = None
     papalexi_steps: int | None = None
@@ -122,7 +123,7 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # Kang: the tiny preset's default 400 steps and a counterfactual start regenerating half of each control
         # cell's genes, both chosen on the NK cell type (not held out in quick mode) before any reported
         # type was scored: NK Pearson-delta 0.22 -> 0.41, energy distance 11.7 -> 5.2 vs 160 steps / 1.0
-        p = Profile(name="quick", preset="tiny", threads=1, kang_steps=400, kang_mask_fraction=0.5,
+        p = Profile(name="quick", preset="tiny", threads=1, jobs=2, kang_steps=400, kang_mask_fraction=0.5,
                     papalexi_steps=250, gen_steps=160,
                     gen_sample_steps=8, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,

@@ -269,7 +269,8 @@ def _profile_text(p: dict) -> str:
              + (f", <= ~{p['scvi_max_updates']} updates" if p.get("scvi_max_updates") else ""),
              (f"STATE {p['state_steps']} steps ({'2-layer width-128' if p.get('state_small') else 'state_sm'}, "
               f"sets of {p.get('state_set_len')}, batch {p.get('state_batch')})") if p.get("state_steps") else "no STATE",
-             f"threads {p.get('threads') or 'all'}", f"seed {p.get('seed')}"]
+             f"threads {p.get('threads') or 'all'}"
+             + (f" per process, {p['jobs']} tasks at once" if (p.get("jobs") or 1) > 1 else ""), f"seed {p.get('seed')}"]
     return "; ".join(parts)
 
 
@@ -319,7 +320,9 @@ def write(out: Path, md: Path) -> str:
               f"- hardware: {hw.get('cpu', '?')}, {hw.get('cpus_visible', '?')} CPUs visible, {hw.get('memory', '')}, "
               f"GPU: {hw.get('gpu', 'none')}; {hw.get('platform', '')}; Python {hw.get('python', '')}, torch "
               f"{hw.get('torch', '')} ({hw.get('torch_threads', '?')} threads)",
-              f"- total wall time: {_f(meta.get('wall_s'))} s; peak RSS {_f(meta.get('peak_rss_mb'))} MiB", ""]
+              f"- total wall time: {_f(meta.get('wall_s'))} s; peak RSS {_f(meta.get('peak_rss_mb'))} MiB"
+              + (f" (the largest of the {prof['jobs']} task processes that ran at once)"
+                 if (prof.get("jobs") or 1) > 1 else ""), ""]
     for task, info in meta.get("tasks", {}).items():
         if info.get("status") != "ok":
             lines.append(f"- task `{task}`: **{info.get('status')}**: {info.get('reason') or info.get('error')}")

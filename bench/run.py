@@ -32,6 +32,7 @@ from common import ROOT, Meter, MissingData, data_dir, hardware, make_profile, s
 
 log = logging.getLogger("bench")
 TASKS = ("kang", "papalexi", "generation")
+BY_COST = ("kang", "generation", "papalexi")  # longest first, so parallel jobs finish close together
 TASK_FILES = {"kang": ["kang2018_ifnb_pbmc_scgen_valid.h5ad"],
               "papalexi": ["papalexi2021_eccite_thp1_sceptre_subset.h5ad"],
               "generation": None}
@@ -63,6 +64,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS threads (default: 1 for --quick, measured faster and steadier than 2 on a "
                          "shared 2-core machine; all cores for --full)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="tasks run at once, each in its own process with --threads threads (default: 2 for "
+                         "--quick, one task per core; 1 for --full)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default=None, help="override the profile's Lingshu preset")
     ap.add_argument("--max-steps", type=int, default=None, help="override the training steps of every task")
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction)
-    profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots)
+    profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,
+                                  jobs=max(1, args.jobs or profile.jobs))
     if mode == "full" and not args.smoke and not torch.cuda.is_available():
         log.warning("--full is sized for a GPU (preset %s, %s steps per model) but no CUDA device is visible; "
                     "this will take many hours on CPUs", profile.preset, profile.kang_steps)
@@ -132,14 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stale}.csv").unlink(missing_ok=True)
     log.info("suite %s: tasks %s -> %s", profile.name, ", ".join(tasks), out)
     t0 = time.perf_counter()
+    runnable = []
     for task in tasks:
-        for name in TASK_FILES[task] or []:
-            if not (data_dir() / name).exists():
-                meta["tasks"][task] = {"status": "skipped", "reason": f"{data_dir() / name} not found"}
-                log.warning("%s skipped: %s not found", task, data_dir() / name)
-                break
+        missing = [n for n in TASK_FILES[task] or [] if not (data_dir() / n).exists()]
+        if missing:
+            meta["tasks"][task] = {"status": "skipped", "reason": f"{data_dir() / missing[0]} not found"}
+            log.warning("%s skipped: %s not found", task, data_dir() / missing[0])
         else:
-            meta["tasks"][task] = _run_task(task, profile, out, args)
+            meta["tasks"][task] = {"status": "not finished"}
+            runnable.append(task)
+    _write_meta(out, meta)
+    for task, info in _run_tasks(runnable, profile, out, args):
+        meta["tasks"][task] = info
         _write_meta(out, meta)
     if profile.peers:
         import peers
@@ -159,6 +168,49 @@ def main(argv: list[str] | None = None) -> int:
     report_md.write(out, md)
     log.info("suite done in %.0f s; wrote %s and %s", meta["wall_s"], out, md)
     return 0 if all(t.get("status") in ("ok", "skipped") for t in meta["tasks"].values()) else 1
+
+
+def _run_tasks(tasks: list[str], profile, out: Path, args):
+    """Yield ``(task, info)`` as tasks finish: one after another, or ``profile.jobs`` at once in
+    separate processes (each with ``profile.threads`` threads), longest tasks first."""
+    if profile.jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield task, _run_task(task, profile, out, args)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    order = sorted(tasks, key=BY_COST.index)
+    log.info("running %s in %d processes (%s thread(s) each)", ", ".join(order), profile.jobs,
+             profile.threads or "all")
+    with ProcessPoolExecutor(max_workers=profile.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_task_process, task, profile, out, args): task for task in order}
+        for fut in as_completed(futures):
+            task = futures[fut]
+            try:
+                info, peak_mb = fut.result()
+            except Exception as err:  # noqa: BLE001 - a crashed worker (e.g. killed for memory) fails its task only
+                log.error("%s: worker process failed: %r", task, err)
+                yield task, {"status": "failed", "error": f"worker process failed: {err!r}"}
+                continue
+            Meter.suite_peak_mb = max(Meter.suite_peak_mb, peak_mb)
+            yield task, info
+
+
+def _task_process(task: str, profile, out: Path, args) -> tuple[dict, float]:
+    """One task in a worker process: the parent's logging and thread settings, then :func:`_run_task`."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import common
+
+    setup_logging(args.verbose)
+    if profile.threads:
+        common.THREADS[0] = profile.threads
+        torch.set_num_threads(profile.threads)
+        threadpool_limits(profile.threads)
+    info = _run_task(task, profile, out, args)
+    return info, Meter.suite_peak_mb
 
 
 def _run_task(task: str, profile, out: Path, args) -> dict:
