@@ -102,22 +102,22 @@ def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator |
     return kept, n_masked / kept.sum(1).clamp(min=1)
 
 
-_EVAL_CHUNK = 1 << 15  # head rows per chunk without autograd: bounds validation memory on 18k genes
+_HEAD_CHUNK = 1 << 13  # head rows per chunk: (8192, 281) float32 logits = 9 MB
 
 
 def _masked_ce(denoiser, h: torch.Tensor, x0: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the head at the given (cell, gene) positions.
+    """Cross-entropy of the head at the given (cell, gene) positions, in chunks of rows.
 
-    Without autograd (validation) the ``(M, 281)`` logits are built in chunks, so memory
-    does not grow with the number of masked genes.
+    Chunks bound validation memory on whole transcriptomes, and keep each ``(rows, 281)``
+    logits buffer under glibc's 32 MB mmap ceiling, so it is reused from the heap rather than
+    mapped and page-faulted anew on every step (measured on 2 CPU cores: a fresh 36 MB buffer
+    costs ~33 ms to touch, a 9 MB one from the heap ~1 ms).
     """
-    if torch.is_grad_enabled() or len(rows[0]) <= _EVAL_CHUNK:
-        return F.cross_entropy(denoiser.head_logits(h[rows], rows[1]).float(), x0[rows], reduction="none")
     out = []
-    for s in range(0, len(rows[0]), _EVAL_CHUNK):
-        r = (rows[0][s:s + _EVAL_CHUNK], rows[1][s:s + _EVAL_CHUNK])
+    for s in range(0, len(rows[0]), _HEAD_CHUNK):
+        r = (rows[0][s:s + _HEAD_CHUNK], rows[1][s:s + _HEAD_CHUNK])
         out.append(F.cross_entropy(denoiser.head_logits(h[r], r[1]).float(), x0[r], reduction="none"))
-    return torch.cat(out)
+    return torch.cat(out) if len(out) != 1 else out[0]
 
 
 def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
