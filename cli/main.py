@@ -201,6 +201,11 @@ def simulate(
         help="KEY=VALUE fixed for generated cells (repeatable); other keys follow training frequencies.")] = None,
     guidance: Annotated[float | None, typer.Option(
         "--guidance", help="Classifier-free guidance scale (default 2.0 with --in, 0 otherwise).")] = None,
+    guidance_reference: Annotated[str, typer.Option(
+        "--guidance-reference",
+        help="What guidance is relative to: control (same context at the control; published), null, or "
+             "composed (this context's control plus the perturbation's effect learned across all contexts: for "
+             "context x perturbation pairs never seen in training).")] = "control",
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
     seed: Seed = 0,
@@ -232,6 +237,8 @@ def simulate(
         raise LingshuError(f"--n-cells must be >= 1, got {n_cells}")
     if n_per_cell < 1:
         raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
+    if guidance_reference not in ("control", "null", "composed"):
+        raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
@@ -246,14 +253,16 @@ def simulate(
                       f"x {n_per_cell}", markup=False, highlight=False)
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
+                                    guidance_reference=guidance_reference,
                                     steps=3 if steps is None else steps, seed=seed, device=device, progress=progress)
     else:
         _check_conditions(model, conditions)
         console.print(f"generating {n_cells:,} cells", markup=False, highlight=False)
         table = model.generation_table(n_cells, conditions or None, seed=seed)
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
-                                     guidance_scale=0.0 if guidance is None else guidance, seed=seed,
-                                     device=device, progress=progress)
+                                     guidance_scale=0.0 if guidance is None else guidance,
+                                     guidance_reference=guidance_reference, seed=seed, device=device,
+                                     progress=progress)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)
 

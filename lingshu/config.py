@@ -187,7 +187,11 @@ class SampleConfig:
     guidance_scale
         Classifier-free guidance ``w``; 0 is plain conditional sampling.
     guidance_reference
-        ``"control"`` (same context, control perturbation; published) or ``"null"``.
+        ``"control"`` (same context, control perturbation; published), ``"null"``, or
+        ``"composed"``: this context's control plus ``w + 1`` times the perturbation's effect
+        learned across all contexts (context keys null); for context x perturbation
+        combinations never seen in training (:mod:`lingshu.sampler`). ``w = 0`` is then the
+        product of experts, not plain conditional sampling.
     batch_size
         Cells denoised at once.
     seed
@@ -206,8 +210,8 @@ class SampleConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
-        _check(self.guidance_reference in ("control", "null"),
-               f"guidance_reference must be control or null, got {self.guidance_reference!r}")
+        _check(self.guidance_reference in ("control", "null", "composed"),
+               f"guidance_reference must be control, null or composed, got {self.guidance_reference!r}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 

@@ -256,8 +256,16 @@ class LingshuModel:
         self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())
 
     # ----------------------------------------------------------------- sample
+    def _context_free(self, *conds: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Copies of condition ids with every context key null (composed guidance)."""
+        cols = [self.vocab.keys.index(k) for k in self.context_keys]
+        out = tuple(c.copy() for c in conds)
+        for c in out:
+            c[:, cols] = 0
+        return out
+
     def _reference(self, cond: np.ndarray, reference: str) -> np.ndarray:
-        if reference == "control" and self.perturbation_key is not None:
+        if reference in ("control", "composed") and self.perturbation_key is not None:
             ref = cond.copy()
             j = self.vocab.keys.index(self.perturbation_key)
             ref[:, j] = self.vocab.labels[self.perturbation_key].index(self.control) + 1
@@ -317,8 +325,12 @@ class LingshuModel:
                            guidance_reference=guidance_reference, batch_size=batch_size, seed=seed)
         conditions = conditions.reset_index(drop=True)
         cond = self.vocab.encode(conditions, allow_missing_keys=True)
-        ref = self._reference(cond, guidance_reference) if guidance_scale != 0 else None
+        composed = guidance_reference == "composed"
+        if composed and self.perturbation_key is None:
+            raise LingshuError("composed guidance needs a model trained with a perturbation key")
+        ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
         cond, ref = self._with_library(cond, ref, start_counts, seed)
+        pooled = self._context_free(cond, ref) if composed else None
         dev = resolve_device(device)
         self.denoiser.to(dev)
         fixed = self._prior_tokens(prior)
@@ -338,7 +350,9 @@ class LingshuModel:
                 init[:, j] = tok
             tokens = sample_tokens(self.denoiser, torch.from_numpy(cond[sl]), init,
                                    dataclasses.replace(cfg, seed=seed + 7919 * c),
-                                   ref=None if ref is None else torch.from_numpy(ref[sl]), device=dev,
+                                   ref=None if ref is None else torch.from_numpy(ref[sl]),
+                                   pooled=None if pooled is None else tuple(torch.from_numpy(p[sl]) for p in pooled),
+                                   device=dev,
                                    progress=progress, autocast=dev.type == "cuda")
             x = sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32))
             yield self._chunk(x, conditions.iloc[sl], start, meta)

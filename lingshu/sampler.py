@@ -13,6 +13,15 @@ Classifier-free guidance (Lingshu-Cell, section 4)::
 
 with ``ref`` the control condition (same context) or the null condition. ``w = 0``
 skips the reference pass and is exactly conditional sampling.
+
+Composed guidance (not in the paper), for a context and perturbation never seen together::
+
+    log p = log p(x | ctx, control) + (w + 1) * (log p(x | -, pert) - log p(x | -, control))
+
+``-``: every context key null. The perturbation's effect is the one learned across all
+contexts (condition dropout teaches the context-free conditionals), applied to this
+context's own control distribution; the combination's own conditional is not used.
+``w = 0`` is the product of experts ``p(x | ctx, control) p(x | pert) / p(x | control)``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from .progress import progress_bar
 from .schedule import n_masked_after
 from .tokenizer import MASK_ID
 
-__all__ = ["sample_tokens", "guided_log_probs", "categorical_draw"]
+__all__ = ["sample_tokens", "guided_log_probs", "composed_log_probs", "categorical_draw"]
 
 
 def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None, w: float) -> torch.Tensor:
@@ -36,6 +45,19 @@ def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None,
         return lc
     lr = torch.log_softmax(logits_ref.double(), dim=-1)
     return lr + (w + 1.0) * (lc - lr)
+
+
+def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert: torch.Tensor, logits_base: torch.Tensor,
+                       w: float) -> torch.Tensor:
+    """Composed guidance in float64 (unnormalised): ``ctrl + (w + 1) * (pert - base)`` of log-softmaxes.
+
+    ``logits_ctrl``: same context, control; ``logits_pert`` / ``logits_base``: context keys null,
+    the perturbation / the control.
+    """
+    def lsm(z):
+        return torch.log_softmax(z.double(), dim=-1)
+
+    return lsm(logits_ctrl) + (w + 1.0) * (lsm(logits_pert) - lsm(logits_base))
 
 
 def categorical_draw(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -54,38 +76,48 @@ def _inverse_cdf(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=p.shape[-1] - 1)  # = #(cdf < u)
 
 
-def _draw_at(denoiser, h_cond, h_ref, rows, cols, w, generator, chunk: int = 4096):
-    """Guided draws at positions ``(rows, cols)``, in chunks to bound memory; returns (values, log-prob).
+def _draw_at(log_probs, rows, cols, generator, chunk: int = 4096):
+    """Draws at positions ``(rows, cols)``, in chunks to bound memory; returns (values, log-prob).
 
-    One float64 softmax per position: the draw is a binary search in its CDF and the
-    log-probability of the drawn value is read from it (no repeated normalisation). Chunks
-    of 4,096 positions keep the float64 arrays in cache (5x faster than 65,536 on a CPU).
+    ``log_probs(r, c)`` gives the (unnormalised) float64 log-probabilities of positions
+    ``(r, c)``. One float64 softmax per position: the draw is a binary search in its CDF and
+    the log-probability of the drawn value is read from it (no repeated normalisation).
+    Chunks of 4,096 positions keep the float64 arrays in cache (5x faster than 65,536 on a CPU).
     """
     n = rows.numel()
     values = torch.empty(n, dtype=torch.long, device=rows.device)  # filled in place: no small
     logps = torch.empty(n, dtype=torch.float64, device=rows.device)  # allocations between chunks
     for s in range(0, n, chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
-        lr = denoiser.head_logits(h_ref[r, c], c).float() if h_ref is not None else None
-        z = guided_log_probs(denoiser.head_logits(h_cond[r, c], c).float(), lr, w) if lr is not None and w != 0 \
-            else denoiser.head_logits(h_cond[r, c], c).double()
-        p = torch.softmax(z, dim=-1)  # (M, V) float64
+        p = torch.softmax(log_probs(r, c), dim=-1)  # (M, V) float64
         v = _inverse_cdf(p, generator)
         values[s:s + chunk] = v
         logps[s:s + chunk] = p.gather(1, v[:, None]).squeeze(1).log()
     return values, logps
 
 
-def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator) -> torch.Tensor:
+def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
+    """The per-position log-probability function of one step (one batched denoiser pass)."""
+    b = x.shape[0]
+
+    def head(h, r, c):
+        return denoiser.head_logits(h[r, c], c).float()
+
+    if pooled is not None:  # composed: same context at control, context-free perturbation and control
+        h_ctrl, h_pert, h_base = denoiser.hidden(torch.cat([x, x, x]), torch.cat([ref, *pooled])).split(b)
+        return lambda r, c: composed_log_probs(head(h_ctrl, r, c), head(h_pert, r, c), head(h_base, r, c), w)
+    if ref is not None and w != 0:
+        h_cond, h_ref = denoiser.hidden(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
+        return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
+    h_cond = denoiser.hidden(x, cond)
+    return lambda r, c: denoiser.head_logits(h_cond[r, c], c).double()
+
+
+def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None) -> torch.Tensor:
     """Reveal ``n_reveal[i]`` masked genes of each cell ``i``; returns the new tokens."""
     b, g = x.shape
     masked = x == MASK_ID
-    guided = ref is not None and w != 0
-    if guided:
-        h = denoiser.hidden(torch.cat([x, x]), torch.cat([cond, ref]))  # (2B, G, D)
-        h_cond, h_ref = h[:b], h[b:]
-    else:
-        h_cond, h_ref = denoiser.hidden(x, cond), None
+    log_probs = _log_prob_fn(denoiser, x, cond, ref, w, pooled)
     k = int(n_reveal.max())
     arange_b = torch.arange(b, device=x.device)[:, None]
     keep = torch.arange(k, device=x.device)[None, :] < n_reveal[:, None]  # (B, k)
@@ -93,10 +125,10 @@ def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator) -> torc
         score = torch.rand((b, g), generator=generator, device=x.device).masked_fill(~masked, -1.0)
         pos = score.topk(k, dim=1).indices  # (B, k)
         rows, cols = arange_b.expand(b, k)[keep], pos[keep]
-        values, _ = _draw_at(denoiser, h_cond, h_ref, rows, cols, w if guided else 0.0, generator)
+        values, _ = _draw_at(log_probs, rows, cols, generator)
     else:  # confidence: draw every masked gene, reveal the most probable draws
         rows_m, cols_m = masked.nonzero(as_tuple=True)
-        draw, logp = _draw_at(denoiser, h_cond, h_ref, rows_m, cols_m, w if guided else 0.0, generator)
+        draw, logp = _draw_at(log_probs, rows_m, cols_m, generator)
         conf = torch.full((b, g), -math.inf, dtype=torch.float64, device=x.device)
         conf[rows_m, cols_m] = logp
         drawn = torch.full_like(x, MASK_ID)
@@ -111,8 +143,9 @@ def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator) -> torc
 
 @torch.no_grad()
 def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleConfig, *,
-                  ref: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                  progress: bool = False, autocast: bool = False) -> torch.Tensor:
+                  ref: torch.Tensor | None = None, pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  device: torch.device | str = "cpu", progress: bool = False,
+                  autocast: bool = False) -> torch.Tensor:
     """Generate value tokens for every MASK position of ``init``.
 
     Parameters
@@ -130,6 +163,10 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
         and device give the same cells.
     ref
         ``(N, K)`` reference condition ids for guidance, or ``None``.
+    pooled
+        Composed guidance: ``(N, K)`` ids of the perturbation and of the control with every
+        context key null; ``ref`` is then the same context at control and ``cond`` is unused
+        (see the module docstring). ``None``: guidance relative to ``ref``.
     device
         Where to run.
     progress
@@ -142,6 +179,8 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
     torch.Tensor
         ``(N, G)`` int64 value tokens on the CPU, no MASK left.
     """
+    if pooled is not None and ref is None:
+        raise ValueError("composed guidance (pooled) needs ref: the same context at the control")
     device = torch.device(device)
     denoiser.eval()
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
@@ -154,12 +193,13 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
             x = init[sl].to(device)
             c = cond[sl].to(device)
             r = ref[sl].to(device) if ref is not None else None
+            pl = tuple(t[sl].to(device) for t in pooled) if pooled is not None else None
             n0 = (x == MASK_ID).sum(1)
             for step in range(1, cfg.steps + 1):
                 n_reveal = (x == MASK_ID).sum(1) - n_masked_after(n0, step, cfg.steps, cfg.schedule)
                 if int(n_reveal.max()) > 0:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator)
+                        x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator, pl)
                 bar.advance()
             out.append(x.cpu())
     return torch.cat(out) if out else init.clone()

@@ -252,6 +252,18 @@ def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
     assert_user_error(run("simulate", "--model", model_dir, "--n-cells", "3", "--out", tmp_path / "x.csv"),
                       "unknown extension '.csv'")
     assert_user_error(run("simulate", "--model", tmp_path / "nomodel", "--n-cells", "3", "--out", out), "nomodel")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance-reference", "ctrl"), "--guidance-reference", "control, null or composed")
+    assert not out.exists()
+
+
+def test_simulate_with_composed_guidance(tmp_path, model_dir, counts_h5ad):
+    out = tmp_path / "sim.h5ad"
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                 "--guidance-reference", "composed", "--steps", "2", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    sim = ad.read_h5ad(out)
+    assert sim.uns["lingshu"]["guidance_reference"] == "composed" and set(sim.obs["condition"]) == {"stim"}
 
 
 def test_demo_quick(tmp_path, monkeypatch):

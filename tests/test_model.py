@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from lingshu import LingshuError, LingshuModel
 from lingshu.config import preset
@@ -43,6 +44,32 @@ def test_predict_keeps_context_and_source_cells():
     assert set(out.obs["condition"]) == {"stim"}
     cf = m.predict(src, ["stim"], steps=2, seed=0, mask_fraction=0.3)
     assert cf.n_obs == 6 and cf.uns["lingshu"]["mask_fraction"] == 0.3
+
+
+def test_composed_guidance_nulls_only_the_context_keys():
+    m = _model()
+    src = make_counts(n_cells=6, seed=3)
+    seen = []
+    real_hidden = m.denoiser.hidden
+
+    def spy(xt, cond):
+        seen.append(cond.clone())
+        return real_hidden(xt, cond)
+
+    m.denoiser.hidden = spy
+    out = m.predict(src, ["stim"], steps=2, seed=0, guidance_scale=1.0, guidance_reference="composed")
+    assert out.n_obs == 6 and set(out.obs["condition"]) == {"stim"}
+    cond = seen[0]  # one pass over (same context at control, context-free stim, context-free control)
+    ctx, pert = m.vocab.keys.index("cell_type"), m.vocab.keys.index("condition")
+    ctrl_id, stim_id = (m.vocab.labels["condition"].index(v) + 1 for v in ("control", "stim"))
+    ctrl, pert0, base0 = cond.chunk(3)
+    assert (ctrl[:, ctx] > 0).all() and (ctrl[:, pert] == ctrl_id).all()
+    assert (pert0[:, ctx] == 0).all() and (pert0[:, pert] == stim_id).all()
+    assert (base0[:, ctx] == 0).all() and (base0[:, pert] == ctrl_id).all()
+    assert torch.equal(ctrl[:, -1], pert0[:, -1])  # the library-size bin is kept in every pass
+    unconditioned = LingshuModel(make_counts(), context_keys=["cell_type"], preset="tiny")
+    with pytest.raises(LingshuError, match="perturbation key"):
+        unconditioned.simulate(src.obs[["cell_type"]], steps=1, guidance_reference="composed")
 
 
 def test_save_load_gives_identical_samples(tmp_path):
