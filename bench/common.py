@@ -78,6 +78,9 @@ class Profile:
     gen_steps: int | None = None
     predict_steps: int = 3  # published perturbation setting (LingshuModel.predict default)
     guidance_scale: float = 2.0  # LingshuModel.predict default (published)
+    kang_guidance: float | None = None  # Kang only; None = guidance_scale
+    kang_guidance_reference: str = "control"  # Kang: control (published) or composed
+    kang_n_per_cell: int = 1  # Kang: simulated cells per control source cell
     kang_mask_fraction: float | None = None  # None: from condition tokens (published); else counterfactual start
     gen_sample_steps: int = 32
     # data size
@@ -123,9 +126,15 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # Kang: a counterfactual start regenerating half of each control cell's genes, chosen on the NK cell
         # type (not held out in quick mode) before any reported type was scored: NK Pearson-delta 0.22 -> 0.41,
         # energy distance 11.7 -> 5.2 vs 160 steps / 1.0 (at 400 steps).
+        # Kang composed guidance with w = 0 and 4 cells per source, also chosen on NK (600 steps, 2026-12-02):
+        # Pearson-delta / top-100 / energy distance at the published control reference, 1 cell per source:
+        # w = 2 0.620 / 0.670 / 2.70, w = 1 0.657 / 0.717 / 2.22, w = 0.5 0.654 / 0.733 / 2.11; 4 per source,
+        # w = 1: 0.688 / 0.749 / 1.99; composed w = 0: 0.656 / 0.780 / 2.17, with 4 per source 0.688 / 0.817 / 2.00
+        # (NK additive 0.795 / 0.846 / 1.84).
         # Training lengths: what fits the 20-minute budget on 2 cores (2 task processes, head in 9 MB chunks),
         # 1.5x the earlier 400 / 250 / 160; sized by wall time, not by any score.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, kang_steps=600, kang_mask_fraction=0.5,
+                    kang_guidance=0.0, kang_guidance_reference="composed", kang_n_per_cell=4,
                     papalexi_steps=375, gen_steps=240,
                     gen_sample_steps=8, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,

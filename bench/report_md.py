@@ -257,7 +257,11 @@ def _profile_text(p: dict) -> str:
              f"{p.get('papalexi_steps')} / generation {p.get('gen_steps')}",
              f"predict {p.get('predict_steps')} steps with guidance {p.get('guidance_scale')}"
              + (f" (Kang: counterfactual start, mask fraction {p['kang_mask_fraction']})"
-                if p.get("kang_mask_fraction") else ""),
+                if p.get("kang_mask_fraction") else "")
+             + (f"; Kang guidance {p['kang_guidance']}" if p.get("kang_guidance") is not None else "")
+             + (f" relative to `{p['kang_guidance_reference']}`"
+                if p.get("kang_guidance_reference", "control") != "control" else "")
+             + (f", {p['kang_n_per_cell']} cells per control cell" if (p.get("kang_n_per_cell") or 1) > 1 else ""),
              f"generation sampling {p.get('gen_sample_steps')} steps",
              f"genes: top {p['max_genes']} HVGs picked on the training cells" if p.get("max_genes") else "all genes",
              f"generation data sets subsampled to <= {p['gen_max_cells']} cells" if p.get("gen_max_cells")

@@ -67,7 +67,10 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
             hist = model.train(max_steps=profile.kang_steps, device=device)
         pin_threads()
         with Meter() as m_pred:
-            pred = model.predict(source, [STIM], guidance_scale=profile.guidance_scale, steps=profile.predict_steps,
+            guidance = profile.guidance_scale if profile.kang_guidance is None else profile.kang_guidance
+            pred = model.predict(source, [STIM], guidance_scale=guidance, steps=profile.predict_steps,
+                                 n_per_cell=profile.kang_n_per_cell,
+                                 guidance_reference=profile.kang_guidance_reference,
                                  mask_fraction=profile.kang_mask_fraction,
                                  seed=profile.seed, device=device)
         with Meter() as m_eval:
