@@ -13,6 +13,11 @@
 #' @param model A `lingshu_model` from [lingshu_train()] or [lingshu_load_model()].
 #' @param n_per_cell Simulated cells per input cell and perturbation.
 #' @param guidance Classifier-free guidance scale (towards the perturbation, away from control).
+#' @param guidance_reference What guidance is relative to: `"control"` (the same context at the
+#'   control; published), `"null"`, or `"composed"`: the context's own control plus the
+#'   perturbation's effect learned across all contexts, for a context and perturbation never
+#'   seen together in training (`guidance = 0` is then the product of the two, not plain
+#'   conditional sampling).
 #' @param seed Random seed: same seed, same cells.
 #' @param steps Denoising steps.
 #' @param mask_fraction `NULL` (default) samples from the labels alone. A number in (0, 1]
@@ -42,10 +47,12 @@
 #' class(sim)
 #' table(sim$cell_type, sim$condition)
 #' @export
-lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2, seed = 0, steps = 3,
+lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
+                             guidance_reference = c("control", "null", "composed"), seed = 0, steps = 3,
                              mask_fraction = NULL, assay = NULL, device = "auto",
                              as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
+  guidance_reference <- match.arg(guidance_reference)
   py <- .check_model(model)
   if (is.null(py$perturbation_key)) {
     stop("this model was trained without a perturbation_key, so it cannot perturb cells; ",
@@ -57,7 +64,7 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
                        model_genes = .chr(py$genes))
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
-    steps = .py_int(steps), seed = .py_int(seed),
+    guidance_reference = guidance_reference, steps = .py_int(steps), seed = .py_int(seed),
     mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction),
     device = device, progress = FALSE
   ))

@@ -30,6 +30,17 @@ test_that("n_per_cell and several perturbations multiply the cells", {
   expect_equal(as.vector(table(sim$source_cell)), rep(4, 10))
 })
 
+test_that("composed guidance reaches Python and is recorded; a misspelt reference is refused", {
+  skip_if_no_lingshu()
+  ctrl <- control_cells()[, 1:10]
+  sim <- lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance = 0,
+                          guidance_reference = "composed", steps = 2, device = "cpu")
+  expect_equal(ncol(sim), 10)
+  expect_equal(SeuratObject::Misc(sim, "lingshu")$guidance_reference, "composed")
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_reference = "ctrl"),
+               "should be one of")
+})
+
 test_that("the same seed gives the same cells; another seed other cells", {
   skip_if_no_lingshu()
   ctrl <- control_cells()
