@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from .schedule import loss_weight
 from .tokenizer import MASK_ID
 
-__all__ = ["sample_t", "mask_tokens", "drop_conditions", "subsample_mask", "diffusion_loss", "Noise", "draw_noise"]
+__all__ = ["sample_t", "mask_tokens", "drop_conditions", "subsample_mask", "subsample_mask_nonzero", "diffusion_loss",
+           "Noise", "draw_noise"]
 
 
 def sample_t(batch: int, generator: torch.Generator, device: torch.device, eps: float = 1e-3) -> torch.Tensor:
@@ -102,6 +103,36 @@ def subsample_mask(mask: torch.Tensor, budget: int, generator: torch.Generator |
     return kept, n_masked / kept.sum(1).clamp(min=1)
 
 
+def subsample_mask_nonzero(mask: torch.Tensor, x0: torch.Tensor, budget: int, share: float,
+                           u: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep about ``budget`` masked genes per cell, favouring genes whose true count is not 0.
+
+    Each masked gene is kept independently (Poisson sampling): genes with a nonzero count at
+    rate ``r1 = min(1, share * budget / n1)``, zero-count genes at ``r0 = (budget - r1 * n1) / n0``
+    (``n1`` / ``n0``: the cell's masked nonzero / zero genes). A kept gene's loss is weighted
+    ``1 / rate`` (Horvitz-Thompson), so the loss stays an unbiased estimate of the loss over
+    every masked gene, while the few informative genes of a sparse whole-transcriptome cell
+    are scored every time instead of ``budget / n_masked`` of the time. The rates depend on
+    the data only, never on the model.
+
+    Returns the kept positions ``(B, G)`` and per-position weights ``(B, G)`` (0 where not kept).
+    """
+    n_masked = mask.sum(1)
+    if int(n_masked.max()) <= budget:
+        return mask, mask.float()
+    if u is None:
+        u = torch.rand(mask.shape, generator=generator, device=mask.device)
+    nonzero = mask & (x0 != 0)  # token 0 is a count of 0
+    n1 = nonzero.sum(1).float()
+    n0 = n_masked.float() - n1
+    r1 = (share * budget / n1.clamp(min=1)).clamp(max=1.0)
+    r0 = ((budget - r1 * n1) / n0.clamp(min=1)).clamp(min=0.0, max=1.0)
+    rate = torch.where(nonzero, r1[:, None], r0[:, None])  # (B, G)
+    kept = mask & (u < rate)
+    return kept, torch.where(kept, 1.0 / rate.clamp(min=1e-12), torch.zeros_like(rate))
+
+
 _HEAD_CHUNK = 1 << 13  # head rows per chunk: (8192, 281) float32 logits = 9 MB
 
 
@@ -122,7 +153,8 @@ def _masked_ce(denoiser, h: torch.Tensor, x0: torch.Tensor, rows: tuple[torch.Te
 
 def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
                    t: torch.Tensor | None = None, loss_genes: int | None = None, noise: Noise | None = None,
-                   denom: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   denom: float | None = None,
+                   nonzero_share: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``1/t``-weighted cross-entropy on masked genes, averaged per gene and cell.
 
     The output head runs only on masked positions, so memory is
@@ -150,6 +182,9 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
         If set, at most this many masked genes per cell enter the head and the loss,
         reweighted so the estimate stays unbiased (see :func:`subsample_mask`). The
         denoiser still sees every gene; this only bounds the ``genes x 281`` head cost.
+    nonzero_share
+        With ``loss_genes``: reserve up to this share of the budget for masked genes with a
+        nonzero count (:func:`subsample_mask_nonzero`); ``None``: uniform (:func:`subsample_mask`).
 
     Returns
     -------
@@ -166,11 +201,19 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
         t = sample_t(b, generator, x0.device)
     xt, mask = mask_tokens(x0, t, generator, u=None if noise is None else noise.mask_u)
     h = denoiser.hidden(xt, cond)  # (B, G, D)
-    scored, ratio = (mask, None) if loss_genes is None else subsample_mask(
-        mask, loss_genes, generator, u=None if noise is None else noise.keep_u)
+    keep_u = None if noise is None else noise.keep_u
+    if loss_genes is None:
+        scored, ratio = mask, None
+    elif nonzero_share is None:
+        scored, ratio = subsample_mask(mask, loss_genes, generator, u=keep_u)
+    else:
+        scored, weight = subsample_mask_nonzero(mask, x0, loss_genes, nonzero_share, u=keep_u, generator=generator)
     rows = scored.nonzero(as_tuple=True)
     ce = _masked_ce(denoiser, h, x0, rows)  # (M,)
-    w = loss_weight(t)[rows[0]] if ratio is None else (loss_weight(t) * ratio)[rows[0]]
+    if loss_genes is not None and nonzero_share is not None:
+        w = loss_weight(t)[rows[0]] * weight[rows]
+    else:
+        w = loss_weight(t)[rows[0]] if ratio is None else (loss_weight(t) * ratio)[rows[0]]
     loss = (ce * w).sum() / ((b if denom is None else denom) * g)
     stats = {"masked_ce": ce.detach().sum() / scored.sum().clamp(min=1), "mask_rate": mask.detach().float().mean()}
     return loss, stats

@@ -63,8 +63,9 @@ class _Objective(torch.nn.Module):
         self.denoiser = denoiser
 
     def forward(self, x0: torch.Tensor, cond: torch.Tensor, noise: Noise, loss_genes: int | None,
-                denom: float) -> torch.Tensor:
-        return diffusion_loss(self.denoiser, x0, cond, noise=noise, loss_genes=loss_genes, denom=denom)[0]
+                denom: float, nonzero_share: float | None = None) -> torch.Tensor:
+        return diffusion_loss(self.denoiser, x0, cond, noise=noise, loss_genes=loss_genes, denom=denom,
+                              nonzero_share=nonzero_share)[0]
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Trainer:
             sync = (not self.dist.active or a == cfg.grad_accum - 1)
             with (contextlib.nullcontext() if sync else self.objective.no_sync()):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    loss = self.objective(x0, cond, noise, cfg.loss_genes, denom)
+                    loss = self.objective(x0, cond, noise, cfg.loss_genes, denom, cfg.loss_nonzero_share)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             self.history.cells_seen += self.stream.batch_size

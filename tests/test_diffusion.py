@@ -124,3 +124,34 @@ def test_subsampled_loss_is_unbiased_and_bounded():
     assert torch.allclose(mean_w[mask], torch.ones_like(mean_w[mask]), atol=0.6)
     assert abs(mean_w[mask].mean().item() - 1) < 0.02
     assert torch.isfinite(est).all() and abs(est.item() - full.item()) / full.item() < 0.5
+
+
+def test_nonzero_favoured_subsample_scores_expressed_genes_and_stays_unbiased():
+    from lingshu.diffusion import subsample_mask_nonzero
+    g = torch.Generator().manual_seed(0)
+    # sparse cells: ~8% of 3,000 genes expressed, as in a whole-transcriptome profile
+    x0 = (torch.rand(5, 3000, generator=g) < 0.08).long() * torch.randint(1, 40, (5, 3000), generator=g)
+    mask = torch.rand(5, 3000, generator=g) < torch.tensor([0.1, 0.3, 0.5, 0.8, 1.0])[:, None]
+    expressed = mask & (x0 != 0)
+    weights, counts = [], []
+    for _ in range(400):
+        kept, w = subsample_mask_nonzero(mask, x0, 256, 0.75, generator=g)
+        assert torch.all(kept <= mask) and torch.all((w > 0) == kept)
+        weights.append(w)
+        counts.append(kept.sum(1).float())
+    mean_w = torch.stack(weights).mean(0)
+    # Horvitz-Thompson: every masked gene has expected weight 1, so any loss sum is unbiased
+    assert torch.all(mean_w[~mask] == 0)
+    assert abs(mean_w[mask].mean().item() - 1) < 0.02
+    assert abs(mean_w[mask & (x0 == 0)].mean().item() - 1) < 0.03 and abs(mean_w[expressed].mean().item() - 1) < 0.02
+    # about the budget per cell; in cells with fewer expressed masked genes than 3/4 of it, every one is scored
+    assert torch.all((torch.stack(counts).mean(0) - 256).abs() < 8)
+    kept, w = subsample_mask_nonzero(mask, x0, 256, 0.75, generator=g)
+    few = expressed.sum(1) <= 192
+    assert 0 < few.sum() < 5
+    assert torch.all(kept[few][expressed[few]]) and torch.all(w[few][expressed[few]] == 1)
+    assert not torch.all(kept[~few][expressed[~few]])  # above 3/4 of the budget they are subsampled too
+    # under the budget: every masked gene, weight 1
+    small = mask & (torch.arange(3000) < 200)
+    kept, w = subsample_mask_nonzero(small, x0, 256, 0.75, generator=g)
+    assert torch.equal(kept, small) and torch.equal(w, small.float())
