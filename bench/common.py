@@ -250,6 +250,18 @@ def combine(*meters: Meter) -> dict[str, float]:
 THREADS: list[int | None] = [None]  # set by run.py --threads
 
 
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` to torch and the BLAS pools of this process and remember it for :func:`pin_threads`."""
+    if not threads:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    THREADS[0] = threads
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
 def pin_threads() -> None:
     """Re-apply ``--threads`` to torch before each model is trained or sampled.
 

@@ -28,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import ROOT, Meter, MissingData, data_dir, hardware, make_profile, setup_logging  # noqa: E402
+from common import (ROOT, Meter, MissingData, data_dir, hardware, make_profile, set_threads,  # noqa: E402
+                    setup_logging)
 
 log = logging.getLogger("bench")
 TASKS = ("kang", "papalexi", "generation")
@@ -105,15 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
-    from threadpoolctl import threadpool_limits
-
-    import common
 
     threads = args.threads or make_profile(mode).threads
-    if threads:
-        common.THREADS[0] = threads
-        torch.set_num_threads(threads)
-        threadpool_limits(threads)
+    set_threads(threads)
     steps = args.max_steps
     profile = make_profile(mode, smoke=args.smoke, device=args.device, seed=args.seed, preset=args.preset,
                            kang_steps=steps, papalexi_steps=steps, gen_steps=steps,
@@ -199,16 +194,8 @@ def _run_tasks(tasks: list[str], profile, out: Path, args):
 
 def _task_process(task: str, profile, out: Path, args) -> tuple[dict, float]:
     """One task in a worker process: the parent's logging and thread settings, then :func:`_run_task`."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    import common
-
     setup_logging(args.verbose)
-    if profile.threads:
-        common.THREADS[0] = profile.threads
-        torch.set_num_threads(profile.threads)
-        threadpool_limits(profile.threads)
+    set_threads(profile.threads)
     info = _run_task(task, profile, out, args)
     return info, Meter.suite_peak_mb
 

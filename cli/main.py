@@ -215,6 +215,7 @@ def simulate(
 ) -> None:
     """Perturb real cells (--in + --perturb) or generate new ones (--n-cells)."""
     from lingshu import LingshuModel
+    from lingshu.config import GUIDANCE_REFERENCES
     from lingshu.errors import LingshuError
     from lingshu.io import check_output_path, read_cells
 
@@ -237,7 +238,7 @@ def simulate(
         raise LingshuError(f"--n-cells must be >= 1, got {n_cells}")
     if n_per_cell < 1:
         raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
-    if guidance_reference not in ("control", "null", "composed"):
+    if guidance_reference not in GUIDANCE_REFERENCES:
         raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)

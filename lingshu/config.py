@@ -16,12 +16,16 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "SampleConfig",
+    "GUIDANCE_REFERENCES",
     "PRESETS",
     "preset",
     "resolve_group_size",
     "to_dict",
     "from_dict",
 ]
+
+
+GUIDANCE_REFERENCES = ("control", "null", "composed")  # SampleConfig.guidance_reference
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -217,7 +221,7 @@ class SampleConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
-        _check(self.guidance_reference in ("control", "null", "composed"),
+        _check(self.guidance_reference in GUIDANCE_REFERENCES,
                f"guidance_reference must be control, null or composed, got {self.guidance_reference!r}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 

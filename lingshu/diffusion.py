@@ -202,18 +202,19 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
     xt, mask = mask_tokens(x0, t, generator, u=None if noise is None else noise.mask_u)
     h = denoiser.hidden(xt, cond)  # (B, G, D)
     keep_u = None if noise is None else noise.keep_u
+    scale = None  # reweighting of a subsample, broadcastable to (B, G)
     if loss_genes is None:
-        scored, ratio = mask, None
+        scored = mask
     elif nonzero_share is None:
         scored, ratio = subsample_mask(mask, loss_genes, generator, u=keep_u)
+        scale = ratio[:, None]
     else:
-        scored, weight = subsample_mask_nonzero(mask, x0, loss_genes, nonzero_share, u=keep_u, generator=generator)
+        scored, scale = subsample_mask_nonzero(mask, x0, loss_genes, nonzero_share, u=keep_u, generator=generator)
     rows = scored.nonzero(as_tuple=True)
     ce = _masked_ce(denoiser, h, x0, rows)  # (M,)
-    if loss_genes is not None and nonzero_share is not None:
-        w = loss_weight(t)[rows[0]] * weight[rows]
-    else:
-        w = loss_weight(t)[rows[0]] if ratio is None else (loss_weight(t) * ratio)[rows[0]]
+    w = loss_weight(t)[rows[0]]
+    if scale is not None:
+        w = w * scale.expand_as(mask)[rows]
     loss = (ce * w).sum() / ((b if denom is None else denom) * g)
     stats = {"masked_ce": ce.detach().sum() / scored.sum().clamp(min=1), "mask_rate": mask.detach().float().mean()}
     return loss, stats
