@@ -78,6 +78,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def parse_prior(items: list[str] | None) -> dict[str, int]:
+    """``["IL6=0", "STAT1=2"]`` -> ``{"IL6": 0, "STAT1": 2}`` (prior injection: gene fixed at a count)."""
+    from lingshu.errors import LingshuError
+
+    out: dict[str, int] = {}
+    for item in items or []:
+        gene, sep, value = item.partition("=")
+        gene, value = gene.strip(), value.strip()
+        if not sep or not gene or not value.isdigit():
+            raise LingshuError(f"--prior {item!r} should look like GENE=COUNT with a whole count >= 0, e.g. STAT1=0")
+        if gene in out:
+            raise LingshuError(f"--prior {gene} given twice")
+        out[gene] = int(value)
+    return out
+
+
 def parse_conditions(items: list[str] | None) -> dict[str, str]:
     """``["cell_type=B", "donor=d1"]`` -> ``{"cell_type": "B", "donor": "d1"}``."""
     from lingshu.errors import LingshuError

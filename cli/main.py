@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import console, friendly, parse_conditions, resolve_device, setup
+from ._common import console, friendly, parse_conditions, parse_prior, resolve_device, setup
 from .evaluate import evaluate
 
 app = typer.Typer(
@@ -208,6 +208,14 @@ def simulate(
              "context x perturbation pairs never seen in training).")] = "control",
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
+    prior: Annotated[list[str] | None, typer.Option(
+        "--prior", metavar="GENE=COUNT",
+        help="Prior injection: GENE fixed at COUNT in every simulated cell and never re-generated (repeatable), "
+             "e.g. the target of a knock-out at 0.")] = None,
+    mask_fraction: Annotated[float | None, typer.Option(
+        "--mask-fraction",
+        help="With --in: start from each input cell's counts and re-generate this fraction of its genes under "
+             "the perturbation (a per-cell counterfactual); default: from the condition labels alone.")] = None,
     seed: Seed = 0,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
@@ -218,10 +226,12 @@ def simulate(
     from lingshu.config import GUIDANCE_REFERENCES
     from lingshu.errors import LingshuError
     from lingshu.io import check_output_path, read_cells
+    from lingshu.validation import check_labels
 
     progress = setup(quiet)
     perturbations = list(perturb or [])
     conditions = parse_conditions(condition)
+    fixed = parse_prior(prior)
     if input is not None and n_cells is not None:
         raise LingshuError("give either --in (cells to perturb) or --n-cells (generate), not both")
     if input is None and n_cells is None:
@@ -234,6 +244,10 @@ def simulate(
                            "from scratch use --condition KEY=VALUE")
     if input is not None and conditions:
         raise LingshuError("--condition applies to --n-cells; with --in the context comes from the cells")
+    if mask_fraction is not None and input is None:
+        raise LingshuError("--mask-fraction needs --in (the cells whose counts the simulation starts from)")
+    if mask_fraction is not None and not 0 < mask_fraction <= 1:
+        raise LingshuError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
     if n_cells is not None and n_cells < 1:
         raise LingshuError(f"--n-cells must be >= 1, got {n_cells}")
     if n_per_cell < 1:
@@ -243,6 +257,8 @@ def simulate(
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
+    if fixed:
+        check_labels(list(fixed), model.genes, "--prior gene")
 
     if input is not None:
         _check_perturbations(model, perturbations)  # before reading a possibly large file
@@ -255,7 +271,8 @@ def simulate(
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
                                     guidance_reference=guidance_reference,
-                                    steps=3 if steps is None else steps, seed=seed, device=device, progress=progress)
+                                    steps=3 if steps is None else steps, seed=seed, device=device, progress=progress,
+                                    prior=fixed or None, mask_fraction=mask_fraction)
     else:
         _check_conditions(model, conditions)
         console.print(f"generating {n_cells:,} cells", markup=False, highlight=False)
@@ -263,7 +280,7 @@ def simulate(
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance,
                                      guidance_reference=guidance_reference, seed=seed, device=device,
-                                     progress=progress)
+                                     progress=progress, prior=fixed or None)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)
 

@@ -266,6 +266,40 @@ def test_simulate_with_composed_guidance(tmp_path, model_dir, counts_h5ad):
     assert sim.uns["lingshu"]["guidance_reference"] == "composed" and set(sim.obs["condition"]) == {"stim"}
 
 
+def test_simulate_prior_and_counterfactual_start(tmp_path, model_dir, counts_adata, counts_h5ad):
+    # --prior pins a gene in every cell (here a gene that stim raises five-fold); --mask-fraction keeps the rest
+    # of each input cell's counts except the re-generated fraction
+    out = tmp_path / "sim.h5ad"
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                 "--prior", "G20=0", "--prior", "G3=7", "--mask-fraction", "0.25", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    sim = ad.read_h5ad(out)
+    x = sim.X.toarray()
+    genes = list(sim.var_names)
+    assert np.all(x[:, genes.index("G20")] == 0) and np.all(x[:, genes.index("G3")] == 7)
+    assert sim.uns["lingshu"]["mask_fraction"] == 0.25 and list(sim.uns["lingshu"]["prior_genes"]) == ["G20", "G3"]
+    kept = (x == counts_adata.X.toarray())
+    kept = np.delete(kept, [genes.index("G20"), genes.index("G3")], axis=1)
+    assert 0.7 < kept.mean() < 1.0  # 3/4 kept, plus re-generated genes that happen to land on the same count
+    gen = tmp_path / "gen.h5ad"
+    ok = run("simulate", "--model", model_dir, "--n-cells", "5", "--prior", "G0=2", "--steps", "2", "--out", gen)
+    assert ok.exit_code == 0, ok.output
+    assert np.all(ad.read_h5ad(gen).X.toarray()[:, 0] == 2)
+
+
+def test_simulate_prior_and_mask_fraction_errors(tmp_path, model_dir, counts_h5ad):
+    out = tmp_path / "x.h5ad"
+    args = ("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out)
+    assert_user_error(run(*args, "--prior", "G1"), "--prior 'G1'", "GENE=COUNT")
+    assert_user_error(run(*args, "--prior", "G1=-1"), "GENE=COUNT")
+    assert_user_error(run(*args, "--prior", "G1=1", "--prior", "G1=2"), "G1 given twice")
+    assert_user_error(run(*args, "--prior", "IL6=0"), "--prior gene 'IL6'", "never seen")
+    assert_user_error(run(*args, "--mask-fraction", "1.5"), "--mask-fraction must be in (0, 1]")
+    assert_user_error(run("simulate", "--model", model_dir, "--n-cells", "3", "--mask-fraction", "0.5",
+                          "--out", out), "--mask-fraction needs --in")
+    assert not out.exists()
+
+
 def test_demo_quick(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     result = run("demo", "--out", out, "--quick", "--max-steps", "3", "--device", "cpu", "--quiet")

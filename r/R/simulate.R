@@ -25,6 +25,9 @@
 #'   counts are then sent to Python (gene names are matched to the model's, undoing
 #'   Seurat's `_` -> `-` rewrite).
 #' @param assay Seurat assay with the counts (only used with `mask_fraction`).
+#' @param prior Prior injection: a named vector of whole counts, e.g. `c(STAT1 = 0)` for a
+#'   knock-out of STAT1; each named gene is fixed at its count in every simulated cell and
+#'   never re-generated. `NULL` (default): none.
 #' @param device `"auto"`, `"cpu"` or `"cuda"`.
 #' @param as Class of the result: `"Seurat"` (default) or `"SingleCellExperiment"`.
 #' @return A Seurat object of the simulated cells: raw integer counts in the `RNA` assay's
@@ -49,7 +52,7 @@
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
                              guidance_reference = c("control", "null", "composed"), seed = 0, steps = 3,
-                             mask_fraction = NULL, assay = NULL, device = "auto",
+                             mask_fraction = NULL, assay = NULL, prior = NULL, device = "auto",
                              as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
   guidance_reference <- match.arg(guidance_reference)
@@ -59,13 +62,14 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
          "use lingshu_generate()", call. = FALSE)
   }
   if (missing(perturb) || length(perturb) == 0L) stop("give at least one label in `perturb`", call. = FALSE)
+  prior <- .prior_dict(prior)
   cells <- .cells_of(object, assay)
   adata <- .to_anndata(cells, .chr(py$context_keys), counts = !is.null(mask_fraction),
                        model_genes = .chr(py$genes))
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
     guidance_reference = guidance_reference, steps = .py_int(steps), seed = .py_int(seed),
-    mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction),
+    mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), prior = prior,
     device = device, progress = FALSE
   ))
   out <- .from_anndata(sim)
@@ -94,6 +98,7 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
 #' @param steps Denoising steps.
 #' @param guidance Classifier-free guidance scale.
 #' @param seed Random seed.
+#' @param prior Prior injection, e.g. `c(CD3E = 0)`: genes fixed at these counts in every cell.
 #' @param device `"auto"`, `"cpu"` or `"cuda"`.
 #' @param as `"Seurat"` (default) or `"SingleCellExperiment"`.
 #' @return A Seurat object with raw integer counts and one metadata column per condition key.
@@ -107,9 +112,10 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
 #' b_cells <- lingshu_generate(m, 20, condition = c(cell_type = "B"), steps = 4, device = "cpu")
 #' @export
 lingshu_generate <- function(model, n_cells, condition = NULL, steps = 32, guidance = 0, seed = 0,
-                             device = "auto", as = c("Seurat", "SingleCellExperiment")) {
+                             prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
   py <- .check_model(model)
+  prior <- .prior_dict(prior)
   if (length(n_cells) != 1L || is.na(n_cells) || n_cells < 1) stop("n_cells must be a number >= 1", call. = FALSE)
   if (!is.null(condition) && (is.null(names(condition)) || any(!nzchar(names(condition))))) {
     stop("condition must be named, e.g. c(cell_type = \"B\")", call. = FALSE)
@@ -117,7 +123,20 @@ lingshu_generate <- function(model, n_cells, condition = NULL, steps = 32, guida
   cond <- if (is.null(condition)) NULL else lapply(as.list(condition), as.character)
   sim <- .py_try(py$generate(
     .py_int(n_cells), cond, steps = .py_int(steps), guidance_scale = as.numeric(guidance),
-    seed = .py_int(seed), device = device, progress = FALSE
+    seed = .py_int(seed), prior = prior, device = device, progress = FALSE
   ))
   .as_output(.from_anndata(sim), as)
+}
+
+# c(STAT1 = 0) -> a Python dict {"STAT1": 0}; NULL stays NULL.
+.prior_dict <- function(prior) {
+  if (is.null(prior)) return(NULL)
+  v <- unlist(prior)
+  if (length(v) == 0L || is.null(names(v)) || any(!nzchar(names(v))) || anyDuplicated(names(v))) {
+    stop("prior must be a vector of counts named by gene, each gene once, e.g. c(STAT1 = 0)", call. = FALSE)
+  }
+  if (!is.numeric(v) || anyNA(v) || any(v < 0) || any(v != round(v))) {
+    stop("prior counts must be whole numbers >= 0, e.g. c(STAT1 = 0)", call. = FALSE)
+  }
+  reticulate::dict(stats::setNames(as.list(as.integer(v)), names(v)))
 }

@@ -107,3 +107,20 @@ test_that("a saved and loaded model simulates the same cells", {
   b <- lingshu_simulate(ctrl, perturb = "stim", model = m2, seed = 2, device = "cpu")
   expect_identical(counts_of(a), counts_of(b))
 })
+
+test_that("prior injection fixes the named genes in every simulated or generated cell", {
+  skip_if_no_lingshu()
+  ctrl <- control_cells()[, 1:10]
+  sim <- lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), prior = c(G12 = 0, G3 = 5),
+                          steps = 2, device = "cpu")
+  x <- counts_of(sim)
+  expect_true(all(x["G12", ] == 0) && all(x["G3", ] == 5))
+  expect_equal(sort(unlist(SeuratObject::Misc(sim, "lingshu")$prior_genes)), c("G12", "G3"))
+  gen <- lingshu_generate(fixture_model(), 6, prior = list(G1 = 2), steps = 2, device = "cpu")
+  expect_true(all(counts_of(gen)["G1", ] == 2))
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), prior = c(0)), "named by gene")
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), prior = c(G1 = 1.5)),
+               "whole numbers")
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), prior = c(IL6 = 0), device = "cpu"),
+               "prior gene 'IL6' was never seen", class = "lingshu_error")
+})
