@@ -268,7 +268,9 @@ def _profile_text(p: dict) -> str:
              else "all cells",
              f"Kang held-out types: {', '.join(p['kang_types']) if p.get('kang_types') else 'all 7'}",
              f"Papalexi: {p.get('papalexi_targets') or 'all 25'} targets x {p.get('papalexi_folds')} fold(s)"
-             + (f", <= {p['papalexi_max_ctrl']} control sources per replicate" if p.get("papalexi_max_ctrl") else ""),
+             + (f", <= {p['papalexi_max_ctrl']} control sources per replicate" if p.get("papalexi_max_ctrl") else "")
+             + (f", target gene fixed at {p['papalexi_target_prior']} counts (prior injection)"
+                if p.get("papalexi_target_prior") is not None else ""),
              "scVI epochs: scvi-tools default" + (f", <= {p['scvi_max_epochs']}" if p.get("scvi_max_epochs") else "")
              + (f", <= ~{p['scvi_max_updates']} updates" if p.get("scvi_max_updates") else ""),
              (f"STATE {p['state_steps']} steps ({'2-layer width-128' if p.get('state_small') else 'state_sm'}, "

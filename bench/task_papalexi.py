@@ -5,7 +5,8 @@ Unassigned cells are dropped. Context = ``replicate``, perturbation = ``target_g
 subset; all 25 in the full profile); in fold f, target i is held out in replicate
 ``(i + f) mod 3``, so every model still sees each held-out target in the two other replicates
 and, over three folds, every (replicate, target) combination is held out once. One model per
-fold predicts each held-out combination from control cells of its replicate; scored with the
+fold predicts each held-out combination from control cells of its replicate (with the target gene
+fixed at ``papalexi_target_prior`` counts when it is modelled: the published prior injection); scored with the
 Virtual Cell Challenge metrics of ``lingshu evaluate`` (PDS, DES, MAE, Pearson-delta) beside
 ``control``, ``pert_mean``, ``additive``, the ``half_split`` ceiling (what the real cells
 allow, given that many cells escape the knock-out) and the scGen-style scVI peer.
@@ -40,6 +41,11 @@ def pick_targets(targets: list[str], n: int | None, offset: int = 0) -> list[str
         return targets
     k = math.ceil(len(targets) / n)
     return [targets[(offset + i * k) % len(targets)] for i in range(n)]
+
+
+def target_prior(genes: list[str], target: str, count: int | None) -> dict[str, int] | None:
+    """Prior injection for a knock-out: the target gene fixed at ``count`` (when it is a modelled gene)."""
+    return {target: count} if count is not None and target in genes else None
 
 
 def run(profile: Profile, out: Path, offset: int = 0) -> pd.DataFrame:
@@ -86,7 +92,8 @@ def run(profile: Profile, out: Path, offset: int = 0) -> pd.DataFrame:
         pin_threads()
         with Meter() as m_pred:
             pred = ad.concat([model.predict(sources[r], [t], guidance_scale=profile.guidance_scale,
-                                            steps=profile.predict_steps, seed=profile.seed + i, device=device)
+                                            steps=profile.predict_steps, seed=profile.seed + i, device=device,
+                                            prior=target_prior(model.genes, t, profile.papalexi_target_prior))
                               for i, (r, t) in enumerate(held)], index_unique="-")
         with Meter() as m_eval:
             report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
