@@ -23,7 +23,7 @@ from .errors import LingshuError
 __all__ = ["LibrarySize"]
 
 
-def _unique_rows(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_rows(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique rows of ``(N, K)`` ids and each row's index among them (K may be 0)."""
     if cond.shape[1] == 0:
         return np.zeros((1, 0), dtype=np.int64), np.zeros(len(cond), dtype=np.int64)
@@ -70,7 +70,7 @@ class LibrarySize:
         if len(tot) != len(cond):
             raise LingshuError(f"library sizes of {len(tot)} cells but conditions of {len(cond)}")
         edges = np.unique(np.quantile(tot, np.linspace(0, 1, n_bins + 1)[1:-1])) if len(tot) else np.zeros(0)
-        combos, inverse = _unique_rows(cond)
+        combos, inverse = unique_rows(cond)
         table = np.zeros((len(combos), len(edges) + 1), dtype=np.int64)
         np.add.at(table, (inverse, _bin_index(edges, tot)), 1)
         return cls(edges, combos.astype(np.int64), table)
@@ -90,7 +90,7 @@ class LibrarySize:
         out = np.empty(len(cond), dtype=np.int64)
         if len(cond) == 0:
             return out
-        uniq, inverse = _unique_rows(cond)
+        uniq, inverse = unique_rows(cond)
         for u, row in enumerate(uniq):
             weights = self._weights(row)
             rows = np.flatnonzero(inverse == u)

@@ -19,7 +19,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
-from .library import LibrarySize
+from .library import LibrarySize, unique_rows
 from .sampler import sample_tokens
 from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
 from .trainer import Trainer, resolve_device
@@ -167,9 +167,8 @@ class LingshuModel:
 
     @staticmethod
     def _frequencies(cond: np.ndarray) -> list[list[int]]:
-        if cond.shape[1] == 0:
-            return [[len(cond)]]
-        combos, counts = np.unique(cond, axis=0, return_counts=True)
+        combos, inverse = unique_rows(cond)
+        counts = np.bincount(inverse, minlength=len(combos))
         return [list(map(int, c)) + [int(n)] for c, n in zip(combos, counts)]
 
     # ------------------------------------------------------------ properties
