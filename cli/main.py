@@ -257,7 +257,7 @@ def simulate(
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
-    if fixed:
+    if fixed:  # before reading a possibly large file (the model checks again when it samples)
         check_labels(list(fixed), model.genes, "--prior gene")
 
     if input is not None:
