@@ -50,9 +50,12 @@ def test_tiny_model_learns_cell_types(pbmc):
         r = np.corrcoef(test_x[labels == t].mean(0), sim_x[labels == t].mean(0))[0, 1]
         ceiling = np.corrcoef(test_x[labels == t].mean(0), real_x[train_labels == t].mean(0))[0, 1]
         assert r > 0.8 and r > ceiling - 0.1, (t, r, ceiling)
-    # and library sizes are realistic, in the middle and in their spread across cells
-    # (measured with the default tiny model: IQR ratio 0.82)
+    # and library sizes are realistic, in the middle and in their spread across cells. The spread is
+    # the standard deviation of log library size: the interquartile range of 200 cells is too noisy
+    # (the real training cells' IQR is 1.21x the held-out cells'; the default tiny model's was
+    # 1.08-1.28x across sampling seeds while its SD ratio stayed 0.95-0.98). A denoiser that
+    # under-disperses library size (one shared factor revealed a few genes at a time) fails it.
     lib_sim, lib_real = np.log1p(np.asarray(sim.X.sum(1)).ravel()), np.log1p(np.asarray(test.X.sum(1)).ravel())
     assert 0.7 < np.exp(np.median(lib_sim) - np.median(lib_real)) < 1.3
-    iqr = np.subtract(*np.percentile(lib_sim, [75, 25])) / np.subtract(*np.percentile(lib_real, [75, 25]))
-    assert 0.75 < iqr < 1.25, iqr
+    spread = lib_sim.std() / lib_real.std()
+    assert 0.8 < spread < 1.25, spread
