@@ -76,6 +76,7 @@ class Profile:
     kang_steps: int | None = None
     papalexi_steps: int | None = None
     gen_steps: int | None = None
+    loss_genes: int | None = None  # masked genes scored per cell in training; None = the preset's
     predict_steps: int = 3  # published perturbation setting (LingshuModel.predict default)
     guidance_scale: float = 2.0  # LingshuModel.predict default (published)
     kang_guidance: float | None = None  # Kang only; None = guidance_scale
@@ -144,11 +145,13 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # 0.76 / 0.168 and 0.88 / 0.534). Tried and not adopted there: composed guidance, a counterfactual start
         # (mask 0.5), and scoring against the model's own simulated controls.
         # Training lengths: what fits the 20-minute budget on 2 cores (2 task processes, head in 9 MB chunks),
-        # 1.5x the earlier 400 / 250 / 160; sized by wall time, not by any score. Generation 240 -> 420 when
-        # tiny's loss budget went 1,024 -> 256 genes (a step 1.4x faster; Kang's process got ~240 s shorter).
+        # 1.5x the earlier 400 / 250 / 160; sized by wall time, not by any score. Loss budget 256 masked genes
+        # per cell (tiny's 1,024 covers whole transcriptomes): on 1,000 genes a step is 1.4x faster at no
+        # measured cost (development splits, bench/model_changes.md), so generation trains 420 steps (was 240)
+        # in about the same time and Kang's process got ~240 s shorter.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, kang_steps=600, kang_mask_fraction=0.7,
                     kang_guidance=0.0, kang_guidance_reference="composed", kang_n_per_cell=4,
-                    papalexi_steps=375, papalexi_target_prior=0, gen_steps=420,
+                    papalexi_steps=375, papalexi_target_prior=0, gen_steps=420, loss_genes=256,
                     gen_sample_steps=8, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,
                     scvi_max_epochs=100, scvi_max_updates=500, state_steps=40, embedding="pca")
@@ -169,6 +172,14 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
 
 
 # ------------------------------------------------------ time and memory
+def train_config(profile: Profile):
+    """The preset's training settings with the profile's loss budget, or ``None`` (the preset's own)."""
+    if profile.loss_genes is None:
+        return None
+    from lingshu.config import preset
+    return dataclasses.replace(preset(profile.preset).train, loss_genes=profile.loss_genes)
+
+
 def _vm_hwm_mb() -> float | None:
     try:
         with open("/proc/self/status") as f:

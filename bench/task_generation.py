@@ -24,7 +24,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (GEN_DATASETS, Meter, MissingData, Profile, combine, note, pin_threads,  # noqa: E402
-                    read_counts, resolve_device, run_evaluate, select_genes, stratified_subsample, wide)
+                    read_counts, resolve_device, run_evaluate, select_genes, stratified_subsample, train_config, wide)
 
 log = logging.getLogger("bench")
 LABEL = "cell_type"
@@ -69,7 +69,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         model = LingshuModel(train, context_keys=[LABEL], preset=profile.preset, seed=profile.seed)
         pin_threads()
         with Meter() as m_train:
-            hist = model.train(max_steps=profile.gen_steps, device=device)
+            hist = model.train(train_config(profile), max_steps=profile.gen_steps, device=device)
         pin_threads()
         with Meter() as m_gen:
             sim = model.simulate(held.obs[[LABEL]], steps=profile.gen_sample_steps, seed=profile.seed, device=device)

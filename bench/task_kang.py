@@ -21,7 +21,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (KANG_TYPES, Meter, Profile, combine, note, pin_threads, read_counts,  # noqa: E402
-                    resolve_device, run_evaluate, select_genes, wide)
+                    resolve_device, run_evaluate, select_genes, train_config, wide)
 
 log = logging.getLogger("bench")
 
@@ -64,7 +64,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
                              preset=profile.preset, seed=profile.seed)
         pin_threads()
         with Meter() as m_train:
-            hist = model.train(max_steps=profile.kang_steps, device=device)
+            hist = model.train(train_config(profile), max_steps=profile.kang_steps, device=device)
         pin_threads()
         with Meter() as m_pred:
             guidance = profile.guidance_scale if profile.kang_guidance is None else profile.kang_guidance

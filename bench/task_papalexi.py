@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DIST_COLS, Meter, Profile, combine, note, pin_threads, read_counts,  # noqa: E402
-                    resolve_device, run_evaluate, wide)
+                    resolve_device, run_evaluate, train_config, wide)
 
 log = logging.getLogger("bench")
 
@@ -88,7 +88,7 @@ def run(profile: Profile, out: Path, offset: int = 0) -> pd.DataFrame:
                              preset=profile.preset, seed=profile.seed)
         pin_threads()
         with Meter() as m_train:
-            hist = model.train(max_steps=profile.papalexi_steps, device=device)
+            hist = model.train(train_config(profile), max_steps=profile.papalexi_steps, device=device)
         pin_threads()
         with Meter() as m_pred:
             pred = ad.concat([model.predict(sources[r], [t], guidance_scale=profile.guidance_scale,

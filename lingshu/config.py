@@ -239,7 +239,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=256, gene_dim=8, group_size=16, max_tokens=256),
         TrainConfig(max_steps=400, batch_size=64, lr=1e-2, warmup_steps=40, ema_decay=0.99, val_every=100,
-                    loss_genes=256, loss_nonzero_share=0.75),
+                    loss_genes=1024, loss_nonzero_share=0.75),
         "CPU, about a minute for a few thousand cells x genes",
     ),
     "small": Preset(
