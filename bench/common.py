@@ -148,7 +148,7 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # 1.5x the earlier 400 / 250 / 160; sized by wall time, not by any score. Loss budget 256 masked genes
         # per cell (tiny's 1,024 covers whole transcriptomes): on 1,000 genes a step is 1.4x faster at no
         # measured cost (development splits, bench/model_changes.md), so generation trains 420 steps (was 240)
-        # in about the same time and Kang's process got ~240 s shorter.
+        # in about the same time and Kang's process got ~200 s shorter (909 -> 714 s).
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, kang_steps=600, kang_mask_fraction=0.7,
                     kang_guidance=0.0, kang_guidance_reference="composed", kang_n_per_cell=4,
                     papalexi_steps=375, papalexi_target_prior=0, gen_steps=420, loss_genes=256,
@@ -171,7 +171,6 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
     return dataclasses.replace(p, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# ------------------------------------------------------ time and memory
 def train_config(profile: Profile):
     """The preset's training settings with the profile's loss budget, or ``None`` (the preset's own)."""
     if profile.loss_genes is None:
@@ -180,6 +179,7 @@ def train_config(profile: Profile):
     return dataclasses.replace(preset(profile.preset).train, loss_genes=profile.loss_genes)
 
 
+# ------------------------------------------------------ time and memory
 def _vm_hwm_mb() -> float | None:
     try:
         with open("/proc/self/status") as f:

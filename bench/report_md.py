@@ -254,7 +254,8 @@ def _profile_text(p: dict) -> str:
     if not p:
         return "?"
     parts = [f"Lingshu preset `{p.get('preset')}`, training steps kang {p.get('kang_steps')} / papalexi "
-             f"{p.get('papalexi_steps')} / generation {p.get('gen_steps')}",
+             f"{p.get('papalexi_steps')} / generation {p.get('gen_steps')}"
+             + (f", at most {p['loss_genes']} masked genes per cell in the loss" if p.get("loss_genes") else ""),
              f"predict {p.get('predict_steps')} steps with guidance {p.get('guidance_scale')}"
              + (f" (Kang: counterfactual start, mask fraction {p['kang_mask_fraction']})"
                 if p.get("kang_mask_fraction") else "")
