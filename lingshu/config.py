@@ -244,7 +244,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         ModelConfig(n_layers=4, d_model=128, n_heads=4, d_ff=512, gene_dim=16, group_size=32, max_tokens=512),
-        TrainConfig(max_steps=1500, batch_size=48, lr=1e-3, warmup_steps=100, ema_decay=0.995, val_every=250,
+        TrainConfig(max_steps=1500, batch_size=48, lr=3e-3, warmup_steps=100, ema_decay=0.995, val_every=250,
                     loss_genes=2048, loss_nonzero_share=0.75),
         "CPU, under ~10 minutes for a few thousand cells x genes",
     ),
