@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=None, help=f"path of {DATA_FILE}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--save-model", type=Path, default=None,
+                        help="also save the trained model to this directory (re-sample it later with LingshuModel.load)")
     args = parser.parse_args(argv)
 
     import torch
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     history = model.train(max_steps=args.max_steps, device=device, progress=sys.stderr.isatty())
     train_s = time.perf_counter() - t0
+    if args.save_model:
+        model.save(args.save_model)
     t0 = time.perf_counter()
     sim = model.simulate(heldout.obs[[LABEL]], steps=args.steps, guidance_scale=args.guidance_scale,
                          seed=args.seed, device=device, progress=sys.stderr.isatty())
