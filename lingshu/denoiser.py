@@ -137,8 +137,12 @@ class Denoiser(nn.Module):
     def n_cond(self) -> int:
         return len(self.cond_emb)
 
-    def hidden(self, xt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Per-gene features before the head.
+    def packed(self, xt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-gene features in the model's permuted, padded gene order (no per-gene offset yet).
+
+        Training and sampling need features only at some (cell, gene) positions; they take
+        them from this with :meth:`features_at`, so no ``(B, G, D)`` tensor is un-permuted
+        (and, in training, scattered back in the backward pass) for every gene.
 
         Parameters
         ----------
@@ -150,12 +154,11 @@ class Denoiser(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B, G, D)``.
+            ``(B, T * S, D)``: position ``inv_perm[g]`` holds gene ``g``.
         """
         b, g = xt.shape
         d, s = self.cfg.gene_dim, self.cfg.group_size
-        e = self.value_emb(xt) + self.gene_emb  # (B, G, D)
-        e = e[:, self.perm]  # (B, G, D) permuted
+        e = self.value_emb(xt[:, self.perm]) + self.gene_emb[self.perm]  # (B, G, D) permuted
         if self.n_pad:
             e = F.pad(e, (0, 0, 0, self.n_pad))  # (B, T*S, D)
         x = self.group_in(e.reshape(b, self.n_groups, s * d))  # (B, T, C)
@@ -168,8 +171,22 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         x = self.out_norm(x[:, self.n_cond:])  # (B, T, C)
-        h = self.group_out(x).reshape(b, self.n_groups * s, d)[:, :g]  # (B, G, D) permuted order
-        return h[:, self.inv_perm] + self.gene_out  # (B, G, D) gene order
+        return self.group_out(x).reshape(b, self.n_groups * s, d)  # (B, T*S, D) permuted order
+
+    def features_at(self, packed: torch.Tensor, cells: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+        """Features ``(M, D)`` of genes ``genes`` of cells ``cells`` (index vectors of length M).
+
+        Each (cell, gene) pair at most once. The per-gene offset goes through ``F.embedding``,
+        whose CPU backward sums repeated genes in a fixed order (bit-for-bit resumes).
+        """
+        return packed[cells, self.inv_perm[genes]] + F.embedding(genes, self.gene_out)
+
+    def hidden(self, xt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-gene features before the head, every gene in gene order: ``(B, G, D)``.
+
+        See :meth:`packed` for the arguments; training and sampling use :meth:`features_at`.
+        """
+        return self.packed(xt, cond)[:, self.inv_perm] + self.gene_out  # (B, G, D) gene order
 
     def head_logits(self, h: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
         """Value-token logits ``(..., 281)`` of per-gene features ``(..., D)``.

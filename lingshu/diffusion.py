@@ -136,18 +136,18 @@ def subsample_mask_nonzero(mask: torch.Tensor, x0: torch.Tensor, budget: int, sh
 _HEAD_CHUNK = 1 << 13  # head rows per chunk: (8192, 281) float32 logits = 9 MB
 
 
-def _masked_ce(denoiser, h: torch.Tensor, x0: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the head at the given (cell, gene) positions, in chunks of rows.
+def _masked_ce(denoiser, feats: torch.Tensor, targets: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head on feature rows ``(M, D)`` (gene ``genes[i]``, true token ``targets[i]``).
 
-    Chunks bound validation memory on whole transcriptomes, and keep each ``(rows, 281)``
-    logits buffer under glibc's 32 MB mmap ceiling, so it is reused from the heap rather than
-    mapped and page-faulted anew on every step (measured on 2 CPU cores: a fresh 36 MB buffer
-    costs ~33 ms to touch, a 9 MB one from the heap ~1 ms).
+    In chunks of rows: chunks bound validation memory on whole transcriptomes, and keep each
+    ``(rows, 281)`` logits buffer under glibc's 32 MB mmap ceiling, so it is reused from the heap
+    rather than mapped and page-faulted anew on every step (measured on 2 CPU cores: a fresh
+    36 MB buffer costs ~33 ms to touch, a 9 MB one from the heap ~1 ms).
     """
     out = []
-    for s in range(0, len(rows[0]), _HEAD_CHUNK):
-        r = (rows[0][s:s + _HEAD_CHUNK], rows[1][s:s + _HEAD_CHUNK])
-        out.append(F.cross_entropy(denoiser.head_logits(h[r], r[1]).float(), x0[r], reduction="none"))
+    for s in range(0, len(genes), _HEAD_CHUNK):
+        sl = slice(s, s + _HEAD_CHUNK)
+        out.append(F.cross_entropy(denoiser.head_logits(feats[sl], genes[sl]).float(), targets[sl], reduction="none"))
     return torch.cat(out) if len(out) != 1 else out[0]
 
 
@@ -200,7 +200,7 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
     elif t is None:
         t = sample_t(b, generator, x0.device)
     xt, mask = mask_tokens(x0, t, generator, u=None if noise is None else noise.mask_u)
-    h = denoiser.hidden(xt, cond)  # (B, G, D)
+    packed = denoiser.packed(xt, cond)  # (B, T*S, D), permuted gene order
     keep_u = None if noise is None else noise.keep_u
     scale = None  # reweighting of a subsample, broadcastable to (B, G)
     if loss_genes is None:
@@ -211,7 +211,8 @@ def diffusion_loss(denoiser, x0: torch.Tensor, cond: torch.Tensor, generator: to
     else:
         scored, scale = subsample_mask_nonzero(mask, x0, loss_genes, nonzero_share, u=keep_u, generator=generator)
     rows = scored.nonzero(as_tuple=True)
-    ce = _masked_ce(denoiser, h, x0, rows)  # (M,)
+    # one gather of the scored rows (its backward is one scatter), not one per head chunk
+    ce = _masked_ce(denoiser, denoiser.features_at(packed, *rows), x0[rows], rows[1])  # (M,)
     w = loss_weight(t)[rows[0]]
     if scale is not None:
         w = w * scale.expand_as(mask)[rows]

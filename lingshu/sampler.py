@@ -101,16 +101,16 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
     b = x.shape[0]
 
     def head(h, r, c):
-        return denoiser.head_logits(h[r, c], c).float()
+        return denoiser.head_logits(denoiser.features_at(h, r, c), c).float()
 
     if pooled is not None:  # composed: same context at control, context-free perturbation and control
-        h_ctrl, h_pert, h_base = denoiser.hidden(torch.cat([x, x, x]), torch.cat([ref, *pooled])).split(b)
+        h_ctrl, h_pert, h_base = denoiser.packed(torch.cat([x, x, x]), torch.cat([ref, *pooled])).split(b)
         return lambda r, c: composed_log_probs(head(h_ctrl, r, c), head(h_pert, r, c), head(h_base, r, c), w)
     if ref is not None and w != 0:
-        h_cond, h_ref = denoiser.hidden(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
+        h_cond, h_ref = denoiser.packed(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
         return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
-    h_cond = denoiser.hidden(x, cond)
-    return lambda r, c: denoiser.head_logits(h_cond[r, c], c).double()
+    h_cond = denoiser.packed(x, cond)  # (B, T*S, D): features are taken at the drawn positions only
+    return lambda r, c: denoiser.head_logits(denoiser.features_at(h_cond, r, c), c).double()
 
 
 def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None) -> torch.Tensor:

@@ -50,13 +50,13 @@ def test_composed_guidance_nulls_only_the_context_keys():
     m = _model()
     src = make_counts(n_cells=6, seed=3)
     seen = []
-    real_hidden = m.denoiser.hidden
+    real_packed = m.denoiser.packed
 
     def spy(xt, cond):
         seen.append(cond.clone())
-        return real_hidden(xt, cond)
+        return real_packed(xt, cond)
 
-    m.denoiser.hidden = spy
+    m.denoiser.packed = spy
     out = m.predict(src, ["stim"], steps=2, seed=0, guidance_scale=1.0, guidance_reference="composed")
     assert out.n_obs == 6 and set(out.obs["condition"]) == {"stim"}
     cond = seen[0]  # one pass over (same context at control, context-free stim, context-free control)

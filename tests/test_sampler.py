@@ -101,3 +101,23 @@ def test_composed_sampling_uses_the_context_free_pair(denoiser):
     assert torch.equal(same, plain) and not torch.equal(composed, plain)
     with pytest.raises(ValueError, match="needs ref"):
         sample_tokens(denoiser, ref, init, cfg, pooled=(pert0, base0))
+
+
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_step_log_probs_are_the_denoisers_at_every_position(w):
+    """The sampler reads features at the drawn positions only; they must be the full forward's."""
+    from lingshu.sampler import _log_prob_fn, guided_log_probs
+
+    torch.manual_seed(1)
+    m = Denoiser(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, gene_dim=4, group_size=8), 40, [2, 3])
+    with torch.no_grad():  # per-gene parameters off their zero start so a wrong gene order shows
+        for p in (m.gene_emb, m.gene_out, m.gene_bias, m.group_out.weight):
+            p.normal_(0.0, 0.5)
+    x = torch.randint(0, 281, (3, 40)).masked_fill(torch.rand(3, 40) < 0.5, MASK_ID)
+    cond, ref = torch.tensor([[1, 2]] * 3), torch.tensor([[1, 1]] * 3)
+    rows, cols = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 39, 17, 5, 38])
+    with torch.no_grad():
+        got = _log_prob_fn(m, x, cond, ref, w, None)(rows, cols)
+        want = guided_log_probs(m(x, cond)[rows, cols], m(x, ref)[rows, cols], w)
+    norm = lambda z: torch.log_softmax(z.double(), -1)  # noqa: E731  (draws normalise; w = 0 returns logits)
+    assert torch.allclose(norm(got), norm(want), atol=1e-5)
