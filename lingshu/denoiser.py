@@ -156,7 +156,7 @@ class Denoiser(nn.Module):
         torch.Tensor
             ``(B, T * S, D)``: position ``inv_perm[g]`` holds gene ``g``.
         """
-        b, g = xt.shape
+        b = xt.shape[0]
         d, s = self.cfg.gene_dim, self.cfg.group_size
         e = self.value_emb(xt[:, self.perm]) + self.gene_emb[self.perm]  # (B, G, D) permuted
         if self.n_pad:

@@ -110,7 +110,7 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
         h_cond, h_ref = denoiser.packed(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
         return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
     h_cond = denoiser.packed(x, cond)  # (B, T*S, D): features are taken at the drawn positions only
-    return lambda r, c: denoiser.head_logits(denoiser.features_at(h_cond, r, c), c).double()
+    return lambda r, c: head(h_cond, r, c).double()
 
 
 def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None) -> torch.Tensor:
