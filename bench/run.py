@@ -71,6 +71,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default=None, help="override the profile's Lingshu preset")
     ap.add_argument("--max-steps", type=int, default=None, help="override the training steps of every task")
+    ap.add_argument("--loss-genes", type=int, default=None,
+                    help="override the masked genes scored per cell in training (0: the preset's own budget; "
+                         "--quick sets 256, sized for tiny)")
     ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
     ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
     ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
@@ -115,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
-                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction)
+                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
+                           loss_genes=args.loss_genes or None)
+    if args.loss_genes == 0:
+        profile = dataclasses.replace(profile, loss_genes=None)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,
                                   jobs=max(1, args.jobs or profile.jobs))
     if mode == "full" and not args.smoke and not torch.cuda.is_available():
