@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}", file=sys.stderr)
         return 2
+    if args.loss_genes is not None and args.loss_genes < 0:
+        print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
+        return 2
     if not data_dir().is_dir():
         print(f"skipping the benchmark suite: data folder {data_dir()} not found "
               "(set LINGSHU_DATA_DIR to the folder with the .h5ad files)", file=sys.stderr)
