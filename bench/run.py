@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
-                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
-                           loss_genes=args.loss_genes or None)
-    if args.loss_genes == 0:
-        profile = dataclasses.replace(profile, loss_genes=None)
+                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction)
+    if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
+        profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,
                                   jobs=max(1, args.jobs or profile.jobs))
     if mode == "full" and not args.smoke and not torch.cuda.is_available():
