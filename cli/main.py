@@ -6,6 +6,8 @@ calls the library. Human output goes to stderr; stdout carries only ``info``'s r
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import tomllib
 from pathlib import Path
@@ -70,6 +72,9 @@ def train(
         "--max-steps", help="Optimizer steps (default: the preset's).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Cells per batch (default: the preset's).")] = None,
+    cell_states: Annotated[int | None, typer.Option(
+        "--cell-states", help="Condition on this many k-means states of the training cells (0: off; default: the "
+                              "preset's); restores within-type variation in generated cells.")] = None,
     device: Device = "auto",
     seed: Seed = 0,
     config: Annotated[Path | None, typer.Option(
@@ -111,6 +116,8 @@ def train(
     stream = stream or len(input) > 1
     model_cfg, train_cfg = _train_configs(
         preset, config, {"max_steps": max_steps, "batch_size": batch_size, "seed": seed, "device": device})
+    if cell_states is not None:
+        model_cfg = dataclasses.replace(model_cfg, cell_states=cell_states)
     if resume:
         # the run directory holds the keys and configs but no data: rebuild on --in, then continue
         saved = LingshuModel.load(out)

@@ -66,6 +66,13 @@ class ModelConfig:
         this many quantile bins (:mod:`lingshu.library`): training sees each cell's own bin,
         generation draws bins from the training cells of the same conditions, prediction
         from real cells keeps the source cell's bin. ``0``: off (the published design).
+    cell_states
+        Condition on each cell's coarse expression state, one of this many k-means clusters
+        of the training cells (:mod:`lingshu.cellstate`): training sees each cell's own
+        state, plain generation draws a state from the training cells with the same labels
+        (restoring within-type variation a short-trained denoiser under-disperses); guided,
+        counterfactual and novel-combination draws use the null state. ``0``: off (the
+        published design).
     cond_broadcast
         Also add every condition embedding to each gene-group token (besides the
         prepended condition tokens of the published design), so conditions reach every
@@ -87,6 +94,7 @@ class ModelConfig:
     max_tokens: int | None = None
     gene_bias: bool = True
     library_bins: int = 10
+    cell_states: int = 0
     cond_broadcast: bool = True
     rope_base: float = 10000.0
     dropout: float = 0.0
@@ -100,6 +108,7 @@ class ModelConfig:
         _check((self.d_model // self.n_heads) % 2 == 0,
                f"ModelConfig head width d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
         _check(self.library_bins >= 0, f"ModelConfig.library_bins must be >= 0, got {self.library_bins}")
+        _check(self.cell_states >= 0, f"ModelConfig.cell_states must be >= 0, got {self.cell_states}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 

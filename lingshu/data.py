@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from .errors import LingshuError
+from .cellstate import CellState
 from .library import LibrarySize
 from .tokenizer import CountTokenizer
 from .validation import check_labels
@@ -135,21 +136,25 @@ class BatchStream:
     block, buffer
         ``block > 0``: block-shuffled order (for data on disk) with blocks of ``block``
         rows mixed ``buffer`` blocks at a time; ``0``: a full permutation.
+    states
+        If given, each batch's condition ids get one more column: the state of each cell,
+        computed from the counts read (:class:`lingshu.cellstate.CellState`).
     library
-        If given, each batch's condition ids get one more column: the library-size bin of
-        each cell, computed from the counts read (:class:`lingshu.library.LibrarySize`).
+        If given, each batch's condition ids get one more column (after the state): the
+        library-size bin of each cell, computed from the counts read
+        (:class:`lingshu.library.LibrarySize`).
     """
 
     def __init__(self, x, cond: np.ndarray, indices: np.ndarray, batch_size: int,
                  tokenizer: CountTokenizer, seed: int = 0, block: int = 0, buffer: int = 16,
-                 library: LibrarySize | None = None) -> None:
+                 library: LibrarySize | None = None, states: CellState | None = None) -> None:
         if len(indices) == 0:
             raise LingshuError("no cells to train on")
         self.x, self.cond, self.indices = x, cond, np.asarray(indices)
         self.batch_size = min(batch_size, len(self.indices))
         self.tokenizer, self.seed = tokenizer, seed
         self.block, self.buffer = block, max(buffer, 1)
-        self.library = library
+        self.library, self.states = library, states
         self.per_epoch = len(self.indices) // self.batch_size
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -159,7 +164,7 @@ class BatchStream:
 
     @property
     def n_keys(self) -> int:
-        return int(self.cond.shape[1]) + (self.library is not None)
+        return int(self.cond.shape[1]) + (self.states is not None) + (self.library is not None)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -185,6 +190,8 @@ class BatchStream:
         if not sp.issparse(block):
             block = sp.csr_matrix(np.asarray(block))
         cond = self.cond[rows]
+        if self.states is not None:
+            cond = np.concatenate([cond, self.states.ids(block)[:, None]], axis=1)
         if self.library is not None:
             cond = np.concatenate([cond, self.library.ids(block)[:, None]], axis=1)
         return self.tokenizer.encode(block), torch.from_numpy(cond)

@@ -31,6 +31,34 @@ def unique_rows(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inverse.ravel()
 
 
+def draw_from_table(combos: np.ndarray, counts: np.ndarray, cond: np.ndarray, rng: np.random.Generator, *,
+                    fallback: bool) -> np.ndarray:
+    """A 1-based category id per row of ``cond``, drawn in proportion to ``counts`` of the matching ``combos``.
+
+    ``combos`` ``(M, K)`` are training condition combinations, ``counts`` ``(M, C)`` their cells
+    per category; a null id (0) in ``cond`` matches any label. A row no combination matches
+    gets, with ``fallback``, the counts of the combinations matching its first ``K - 1`` keys,
+    then ``K - 2``, ..., then all (uniform if there are none); without, the null id 0.
+    """
+    out = np.zeros(len(cond), dtype=np.int64)
+    if len(cond) == 0:
+        return out
+    uniq, inverse = unique_rows(cond)
+    for u, row in enumerate(uniq):
+        hits = (combos == row) | (row == 0)  # (M, K): the combination agrees with the row on key j
+        for k in range(len(row), -1 if fallback else len(row) - 1, -1):
+            w = counts[hits[:, :k].all(axis=1)].sum(0).astype(np.float64)
+            if w.sum() > 0:
+                break
+        else:
+            if not fallback:
+                continue
+            w = np.ones(counts.shape[1])
+        rows = np.flatnonzero(inverse == u)
+        out[rows] = 1 + rng.choice(counts.shape[1], size=len(rows), p=w / w.sum())
+    return out
+
+
 def _bin_index(edges: np.ndarray, totals: np.ndarray) -> np.ndarray:
     """0-based bin of each ``log1p`` total."""
     return np.searchsorted(edges, totals, side="right")
@@ -87,23 +115,7 @@ class LibrarySize:
         ``K - 1`` keys (the context keys when the perturbation is last), then ``K - 2``, ...,
         then all cells; a null id (0) in ``cond`` matches any label.
         """
-        out = np.empty(len(cond), dtype=np.int64)
-        if len(cond) == 0:
-            return out
-        uniq, inverse = unique_rows(cond)
-        for u, row in enumerate(uniq):
-            weights = self._weights(row)
-            rows = np.flatnonzero(inverse == u)
-            out[rows] = 1 + rng.choice(self.n_bins, size=len(rows), p=weights / weights.sum())
-        return out
-
-    def _weights(self, row: np.ndarray) -> np.ndarray:
-        hits = (self.combos == row) | (row == 0)  # (M, K): combination agrees with the row on key j
-        for k in range(len(row), -1, -1):
-            w = self.counts[hits[:, :k].all(axis=1)].sum(0).astype(np.float64)
-            if w.sum() > 0:
-                return w
-        return np.ones(self.n_bins)
+        return draw_from_table(self.combos, self.counts, cond, rng, fallback=True)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (stored in the checkpoint manifest)."""

@@ -19,6 +19,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
+from .cellstate import CellState
 from .library import LibrarySize, unique_rows
 from .sampler import sample_tokens
 from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
@@ -39,6 +40,11 @@ def _model_config(manifest: Mapping[str, Any]) -> ModelConfig:
 def _library(conditions: Mapping[str, Any]) -> LibrarySize | None:
     state = conditions.get("library_size")
     return LibrarySize.from_state(state) if state is not None else None
+
+
+def _cell_states(conditions: Mapping[str, Any]) -> CellState | None:
+    state = conditions.get("cell_states")
+    return CellState.from_state(state) if state is not None else None
 
 
 def _version() -> str:
@@ -95,8 +101,8 @@ class LingshuModel:
             ``block x buffer`` cells).
         fit_cells
             Cells (whole blocks spread over the data) used to fit the tokenizer's within-bin
-            decoder, the output-head initialisation and the library-size bins (and their
-            frequencies per condition, used when generating).
+            decoder, the output-head initialisation, the cell states and the library-size
+            bins (and their frequencies per condition, used when generating).
         context_keys, perturbation_key, control, preset, config, layer, seed
             As for :class:`LingshuModel`.
         """
@@ -139,8 +145,11 @@ class LingshuModel:
         self._x, self._cond = x, vocab.encode(obs)
         self._block, self._buffer = block, buffer
         self._freq = self._frequencies(self._cond)
-        self.library = (LibrarySize.fit(fit, self._cond if fit_rows is None else self._cond[fit_rows],
-                                        model_cfg.library_bins) if model_cfg.library_bins else None)
+        fit_cond = self._cond if fit_rows is None else self._cond[fit_rows]
+        self.states = CellState.fit(fit, fit_cond, model_cfg.cell_states, seed) if model_cfg.cell_states else None
+        if self.states is not None:  # library bins are then tabled per (labels, state)
+            fit_cond = np.concatenate([fit_cond, self.states.ids(fit)[:, None]], axis=1)
+        self.library = LibrarySize.fit(fit, fit_cond, model_cfg.library_bins) if model_cfg.library_bins else None
         torch.manual_seed(seed)
         self.denoiser = Denoiser(model_cfg, len(genes), self._cond_sizes())
         self.denoiser.init_head_bias(token_frequencies(fit))  # per-gene biases (gene_bias) start at 0
@@ -153,17 +162,29 @@ class LingshuModel:
         self.model_config, self.tokenizer = model_cfg, tokenizer
 
     def _cond_sizes(self) -> list[int]:
-        """Vocabulary size of each condition token: the obs keys, then the library-size bins."""
-        return self.vocab.sizes() + ([self.library.n_bins] if self.library is not None else [])
+        """Vocabulary size of each condition token: the obs keys, then the cell states, then the library-size bins."""
+        return (self.vocab.sizes() + ([self.states.n_states] if self.states is not None else [])
+                + ([self.library.n_bins] if self.library is not None else []))
 
-    def _with_library(self, cond: np.ndarray, ref: np.ndarray | None, start_counts, seed: int):
-        """Append the library-size column: the start cells' own bins, else bins drawn per condition."""
-        if self.library is None:
-            return cond, ref
-        ids = (self.library.ids(start_counts) if start_counts is not None
-               else self.library.draw(cond, np.random.default_rng([seed, 7])))[:, None]
-        return (np.concatenate([cond, ids], axis=1),
-                None if ref is None else np.concatenate([ref, ids], axis=1))
+    def _with_extras(self, cond: np.ndarray, ref: np.ndarray | None, start_counts, seed: int):
+        """Append the cell-state and library-size columns (the same ids to ``ref``).
+
+        States: drawn per condition for plain generation; null when guided (``ref`` given),
+        counterfactual (``start_counts`` given) or for a combination never seen in training.
+        Library bins: the start cells' own bins, else drawn per condition (and state).
+        """
+        def append(ids):
+            return (np.concatenate([cond, ids[:, None]], axis=1),
+                    None if ref is None else np.concatenate([ref, ids[:, None]], axis=1))
+
+        if self.states is not None:
+            plain = ref is None and start_counts is None
+            cond, ref = append(self.states.draw(cond, np.random.default_rng([seed, 13])) if plain
+                               else np.zeros(len(cond), dtype=np.int64))
+        if self.library is not None:
+            cond, ref = append(self.library.ids(start_counts) if start_counts is not None
+                               else self.library.draw(cond, np.random.default_rng([seed, 7])))
+        return cond, ref
 
     @staticmethod
     def _frequencies(cond: np.ndarray) -> list[list[int]]:
@@ -226,8 +247,9 @@ class LingshuModel:
         dev = resolve_device(cfg.device)
         train_idx, val_idx = split_indices(len(self._cond), cfg.val_fraction, cfg.seed, block=self._block)
         stream = BatchStream(self._x, self._cond, train_idx, cfg.batch_size, self.tokenizer, cfg.seed,
-                             block=self._block, buffer=self._buffer, library=self.library)
-        val = (BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed, library=self.library)
+                             block=self._block, buffer=self._buffer, library=self.library, states=self.states)
+        val = (BatchStream(self._x, self._cond, val_idx, cfg.batch_size, self.tokenizer, cfg.seed, library=self.library,
+                           states=self.states)
                if len(val_idx) else None)
         self.train_config = cfg
         on_ckpt = (lambda tr: self._write(out_dir, tr)) if out_dir is not None else None
@@ -251,7 +273,7 @@ class LingshuModel:
             raise LingshuError("--resume: the condition keys or labels differ from the checkpoint's")
         self.model_config = _model_config(manifest)
         self.tokenizer = CountTokenizer.from_state(manifest["tokenizer"])
-        self.library = _library(manifest["conditions"])
+        self.library, self.states = _library(manifest["conditions"]), _cell_states(manifest["conditions"])
         self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())
 
     # ----------------------------------------------------------------- sample
@@ -328,7 +350,7 @@ class LingshuModel:
         if composed and self.perturbation_key is None:
             raise LingshuError("composed guidance needs a model trained with a perturbation key")
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
-        cond, ref = self._with_library(cond, ref, start_counts, seed)
+        cond, ref = self._with_extras(cond, ref, start_counts, seed)
         pooled = self._context_free(cond, ref) if composed else None
         dev = resolve_device(device)
         self.denoiser.to(dev)
@@ -476,7 +498,8 @@ class LingshuModel:
             "conditions": {"keys": self.vocab.keys, "labels": self.vocab.labels, "context_keys": self.context_keys,
                            "perturbation_key": self.perturbation_key, "control": self.control,
                            "frequencies": self._freq,
-                           "library_size": None if self.library is None else self.library.state_dict()},
+                           "library_size": None if self.library is None else self.library.state_dict(),
+                           "cell_states": None if self.states is None else self.states.state_dict()},
             "training": hist,
         }
 
@@ -501,7 +524,7 @@ class LingshuModel:
                         _model_config(m), CountTokenizer.from_state(m["tokenizer"]))
             self.preset, self.train_config = m.get("preset", "custom"), from_dict(TrainConfig, m["train_config"])
             self._freq, self.history, self._trainer = c["frequencies"], m.get("training", {}), None
-            self.library = _library(c)
+            self.library, self.states = _library(c), _cell_states(c)
         except (KeyError, TypeError, ValueError) as e:
             raise LingshuError(f"{path}: malformed manifest ({e.__class__.__name__}: {e})") from None
         self.denoiser = Denoiser(self.model_config, len(self.genes), self._cond_sizes())

@@ -53,5 +53,5 @@ def test_training_batches_carry_each_cells_own_bin_and_prediction_keeps_the_sour
     np.testing.assert_array_equal(cond[:, -1].numpy(), m.library.ids(sp.csr_matrix(a.X)[np.sort(rows)]))
     src = np.zeros((4, 0), dtype=np.int64)
     start = sp.csr_matrix(a.X[:4])
-    cond, _ = m._with_library(src, None, start, seed=0)
+    cond, _ = m._with_extras(src, None, start, seed=0)
     np.testing.assert_array_equal(cond[:, -1], m.library.ids(start))
