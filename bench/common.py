@@ -85,6 +85,7 @@ class Profile:
     kang_mask_fraction: float | None = None  # None: from condition tokens (published); else counterfactual start
     papalexi_target_prior: int | None = None  # prior injection: the target gene fixed at this count; None = off
     gen_sample_steps: int = 32
+    gen_cell_states: int | None = None  # generation: ModelConfig.cell_states; None = the preset's (0, off)
     # data size
     max_genes: int | None = None  # HVGs picked on the training cells only; None = all genes
     gen_max_cells: int | None = None  # stratified subsample of each generation data set before the split
@@ -159,15 +160,19 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # PBMC 3k 1.70 -> 1.51, mouse pancreas 1.97 -> 1.85, PBMC 68k 2.50 -> 2.27, worm 1.28 -> 1.36.
         # Papalexi 750 steps (was 375), development folds: PDS / DES offset 1 0.84 / 0.051 -> 0.84 / 0.054,
         # offset 4 0.96 / 0.698 -> 1.00 / 0.707 (~35 s more).
+        # Generation with 32 cell states (ModelConfig.cell_states; session 10), chosen on the development split
+        # (seed 1) of PBMC 68k (classifier AUC / MMD 0.767 / 0.00940 without, 0.662 / 0.00820 with; a 16- and
+        # a 32-state prototype 0.680 / 0.00826 and 0.648 / 0.00754) and mouse pancreas (16-state prototype:
+        # 0.765 / 0.00854 -> 0.645 / 0.00797); bench/model_changes.md.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=0.7, kang_guidance=0.0, kang_guidance_reference="composed", kang_n_per_cell=4,
                     papalexi_steps=750, papalexi_target_prior=0, gen_steps=480, loss_genes=256,
-                    gen_sample_steps=8, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
+                    gen_sample_steps=8, gen_cell_states=32, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,
                     scvi_max_epochs=100, scvi_max_updates=500, state_steps=40, embedding="pca")
     elif mode == "full":
         p = Profile(name="full", preset="base", kang_steps=4000, papalexi_steps=4000, papalexi_target_prior=0,
-                    gen_steps=4000,
+                    gen_steps=4000, gen_cell_states=32,
                     gen_sample_steps=64, state_steps=4000, state_small=False, state_set_len=64, state_batch=16)
     else:
         raise ValueError(f"unknown mode {mode!r}")

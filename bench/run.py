@@ -74,6 +74,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--loss-genes", type=int, default=None,
                     help="override the masked genes scored per cell in training (0: the preset's own budget; "
                          "--quick sets 256, sized for tiny)")
+    ap.add_argument("--cell-states", type=int, default=None,
+                    help="generation: override the number of cell states the model conditions on (0: off)")
     ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
     ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
     ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}", file=sys.stderr)
         return 2
+    if args.cell_states is not None and args.cell_states < 0:
+        print(f"error: --cell-states must be >= 0 (0: off), got {args.cell_states}", file=sys.stderr)
+        return 2
     if args.loss_genes is not None and args.loss_genes < 0:
         print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
         return 2
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
-                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction)
+                           state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
+                           gen_cell_states=args.cell_states)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,

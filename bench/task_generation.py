@@ -15,6 +15,7 @@ Beside the model, each scored against the same held-out half:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         report_dir = out / "generation" / name
         opts = dict(context_key=LABEL, distribution="pooled", seed=profile.seed)
 
-        model = LingshuModel(train, context_keys=[LABEL], preset=profile.preset, seed=profile.seed)
+        model = LingshuModel(train, context_keys=[LABEL], preset=profile.preset, config=model_config(profile),
+                             seed=profile.seed)
         pin_threads()
         with Meter() as m_train:
             hist = model.train(train_config(profile), max_steps=profile.gen_steps, device=device)
@@ -105,6 +107,14 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         pd.DataFrame(rows).to_csv(out / "generation.partial.csv", index=False)
     (out / "generation.partial.csv").unlink(missing_ok=True)
     return pd.DataFrame(rows)
+
+
+def model_config(profile: Profile):
+    """The preset's model with the profile's number of cell states, or ``None`` (the preset's own)."""
+    if profile.gen_cell_states is None:
+        return None
+    from lingshu.config import preset
+    return dataclasses.replace(preset(profile.preset).model, cell_states=profile.gen_cell_states)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def run_demo(out: Path, *, max_steps: int | None, quick: bool, device: str, over
     import pandas as pd
 
     from lingshu import LingshuModel
+    from lingshu.config import preset
     from lingshu.datasets import pbmc68k_counts
     from lingshu.errors import LingshuError
     from lingshu.io import write_cells
@@ -35,7 +37,9 @@ def run_demo(out: Path, *, max_steps: int | None, quick: bool, device: str, over
     real = pbmc68k_counts()
     console.print(f"pbmc68k: {real.n_obs} cells x {real.n_vars} genes, "
                   f"{real.obs['cell_type'].nunique()} cell types", markup=False, highlight=False)
-    model = LingshuModel(real, context_keys=["cell_type"], preset="tiny", seed=0)
+    # 32 cell states (ModelConfig.cell_states): chosen on a development split of these data (bench/model_changes.md)
+    config = dataclasses.replace(preset("tiny").model, cell_states=32)
+    model = LingshuModel(real, context_keys=["cell_type"], preset="tiny", config=config, seed=0)
     history = model.train(max_steps=max_steps, device=device, progress=progress)
     console.print(f"trained {history.get('step', '?')} steps in {history.get('seconds', 0.0):.1f} s",
                   markup=False, highlight=False)
