@@ -19,6 +19,7 @@ Targets: MMD within 2x of the ``train_half`` floor and classifier AUC <= 0.65.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import resource
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--steps", type=int, default=32, help="sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=0.0)
+    parser.add_argument("--cell-states", type=int, default=None,
+                        help="condition on this many cell states (ModelConfig.cell_states; default: the preset's, 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -120,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = cells[first].copy(), cells[second].copy()
     print(f"{path.name}: {cells.n_obs} cells x {cells.n_vars} genes; train {train.n_obs}, held-out {heldout.n_obs}")
 
-    model = LingshuModel(train, context_keys=[LABEL], preset=args.preset, seed=args.seed)
+    config = None
+    if args.cell_states is not None:
+        from lingshu.config import preset
+        config = dataclasses.replace(preset(args.preset).model, cell_states=args.cell_states)
+    model = LingshuModel(train, context_keys=[LABEL], preset=args.preset, config=config, seed=args.seed)
     t0 = time.perf_counter()
     history = model.train(max_steps=args.max_steps, device=device, progress=sys.stderr.isatty())
     train_s = time.perf_counter() - t0
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(stratified by {LABEL}, seed {args.seed})",
         "model": f"preset {args.preset}, {n_steps} training steps, "
                  f"{sum(p.numel() for p in model.denoiser.parameters()) / 1e6:.2f}M parameters, "
-                 f"final train loss {float(last_loss):.4f}",
+                 f"final train loss {float(last_loss):.4f}, {model.model_config.cell_states} cell states",
         "sampling": f"{args.steps} steps, guidance {args.guidance_scale:g}, {sim.n_obs} cells",
         "training wall time": f"{train_s:.1f} s",
         "sampling wall time": f"{sample_s:.1f} s",
