@@ -21,8 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .errors import LingshuError
 from .cellstate import CellState
+from .errors import LingshuError
 from .library import LibrarySize
 from .tokenizer import CountTokenizer
 from .validation import check_labels

@@ -202,18 +202,22 @@ def cells_to_r(adata) -> dict[str, Any]:
 
 def train_from_r(adata, *, context_keys: Sequence[str] = (), perturbation_key: str | None = None,
                  control: str | None = None, preset: str = "tiny", max_steps: int | None = None,
-                 device: str = "auto", seed: int = 0, out_dir: str | None = None):
+                 device: str = "auto", seed: int = 0, out_dir: str | None = None, cell_states: int | None = None):
     """Build and train a :class:`~lingshu.LingshuModel` the way ``lingshu train`` does.
 
-    ``seed`` seeds both the model (gene permutation, weights) and the training run.
+    ``seed`` seeds both the model (gene permutation, weights) and the training run;
+    ``cell_states`` (``None``: the preset's) sets :attr:`ModelConfig.cell_states`.
     """
     import dataclasses
 
     from .config import preset as get_preset
     from .model import LingshuModel
 
+    model_config = (None if cell_states is None
+                    else dataclasses.replace(get_preset(preset).model, cell_states=int(cell_states)))
     model = LingshuModel(adata, context_keys=[str(k) for k in _as_list(context_keys)],
-                         perturbation_key=perturbation_key, control=control, preset=preset, seed=int(seed))
+                         perturbation_key=perturbation_key, control=control, preset=preset, config=model_config,
+                         seed=int(seed))
     config = dataclasses.replace(get_preset(preset).train, seed=int(seed))
     model.train(config, max_steps=None if max_steps is None else int(max_steps), device=device,
                 out_dir=out_dir, progress=False)

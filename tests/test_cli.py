@@ -147,6 +147,26 @@ def test_train_resume_continues_run(tmp_path, counts_h5ad):
     assert json.loads(run("info", "--json", out).stdout)["steps"] == 4
 
 
+def test_train_with_cell_states_resumes_and_generates(tmp_path, counts_h5ad):
+    out = tmp_path / "run"
+    first = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type", "--cell-states", "3",
+                "--max-steps", "2", "--device", "cpu", "--quiet")
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((out / "lingshu.json").read_text())
+    assert manifest["model_config"]["cell_states"] == 3 and len(manifest["conditions"]["cell_states"]["centres"]) == 3
+    second = run("train", "--in", counts_h5ad, "--out", out, "--resume", "--max-steps", "4", "--device", "cpu",
+                 "--quiet")
+    assert second.exit_code == 0, second.output
+    gen = tmp_path / "gen.h5ad"
+    result = run("simulate", "--model", out, "--n-cells", "5", "--condition", "cell_type=B", "--out", gen,
+                 "--steps", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert ad.read_h5ad(gen).n_obs == 5
+    bad = run("train", "--in", counts_h5ad, "--out", tmp_path / "bad", "--cell-states", "-1")
+    assert_user_error(bad, "cell_states must be >= 0")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_info_reports_model(model_dir):
     result = run("info", model_dir)
     assert result.exit_code == 0, result.output

@@ -26,6 +26,8 @@
 #' @param control The label of unperturbed cells in `perturbation_key`.
 #' @param preset Model size: `"tiny"`, `"small"`, `"base"` or `"paper"`.
 #' @param max_steps Optimizer steps (default: the preset's).
+#' @param cell_states Condition on this many k-means states of the training cells (`0`: off;
+#'   default: the preset's, off). Restores within-type variation in generated cells.
 #' @param assay Seurat assay holding the counts (default: the active assay).
 #' @param device `"auto"` (a GPU if there is one), `"cpu"` or `"cuda"`.
 #' @param seed Seed of the model and of training: same seed, same model.
@@ -46,14 +48,14 @@
 #' @export
 lingshu_train <- function(object, context_keys = character(), perturbation_key = NULL, control = NULL,
                           preset = "tiny", max_steps = NULL, assay = NULL, device = "auto", seed = 0,
-                          out_dir = NULL) {
+                          out_dir = NULL, cell_states = NULL) {
   cells <- .cells_of(object, assay)
   keys <- c(as.character(context_keys), as.character(perturbation_key))
   adata <- .to_anndata(cells, keys, counts = TRUE)
   py <- .py_try(.bridge()$train_from_r(
     adata, context_keys = as.list(as.character(context_keys)), perturbation_key = perturbation_key,
     control = control, preset = preset, max_steps = .py_int(max_steps), device = device,
-    seed = .py_int(seed), out_dir = if (is.null(out_dir)) NULL else path.expand(out_dir)
+    seed = .py_int(seed), cell_states = .py_int(cell_states), out_dir = if (is.null(out_dir)) NULL else path.expand(out_dir)
   ))
   .new_model(py)
 }

@@ -124,3 +124,14 @@ test_that("prior injection fixes the named genes in every simulated or generated
   expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), prior = c(IL6 = 0), device = "cpu"),
                "prior gene 'IL6' was never seen", class = "lingshu_error")
 })
+
+test_that("cell_states reaches the engine and a state-conditioned model generates Seurat cells", {
+  skip_if_no_lingshu()
+  m <- lingshu_train(make_seurat(), context_keys = "cell_type", cell_states = 3, max_steps = 3,
+                     device = "cpu", seed = 0)
+  expect_equal(m$py$model_config$cell_states, 3L)
+  g <- lingshu_generate(m, 6, condition = c(cell_type = "A"), steps = 2, seed = 0, device = "cpu")
+  expect_s4_class(g, "Seurat")
+  expect_equal(ncol(g), 6)
+  expect_true(all(g$cell_type == "A"))
+})
