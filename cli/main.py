@@ -7,7 +7,6 @@ calls the library. Human output goes to stderr; stdout carries only ``info``'s r
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import tomllib
 from pathlib import Path

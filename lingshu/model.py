@@ -15,11 +15,11 @@ import scipy.sparse as sp
 import torch
 
 from . import checkpoint as ckpt
+from .cellstate import CellState
 from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, resolve_group_size, to_dict
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
-from .cellstate import CellState
 from .library import LibrarySize, unique_rows
 from .sampler import sample_tokens
 from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
