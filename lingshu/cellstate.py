@@ -67,8 +67,14 @@ def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100) -
     return centres
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` without BLAS: these products are small, and a multithreaded BLAS called once per
+    training batch keeps its threads spinning beside torch's (measured: 30% slower training on 2 cores)."""
+    return np.einsum("ij,kj->ik", a, b)
+
+
 def _nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    d = (x * x).sum(1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(1)[None, :]
+    d = (x * x).sum(1)[:, None] - 2 * _dot(x, centres) + (centres * centres).sum(1)[None, :]
     return np.argmin(d, axis=1)
 
 
@@ -120,7 +126,7 @@ class CellState:
         centre = dense.mean(0)
         _, _, vt = np.linalg.svd(dense - centre, full_matrices=False)
         components = vt[:min(n_pcs, len(vt))]
-        pcs = (dense - centre) @ components.T
+        pcs = _dot(dense - centre, components)
         k = max(1, min(int(n_states), len(np.unique(pcs.round(8), axis=0))))
         centres = _kmeans(pcs, k, rng)
         self = cls(genes.astype(np.int64), centre, components, centres, np.zeros((0, cond.shape[1]), np.int64),
@@ -137,7 +143,7 @@ class CellState:
         out = np.empty(counts.shape[0], dtype=np.int64)
         for s in range(0, counts.shape[0], _CHUNK):
             x = _log_cp10k(counts[s:s + _CHUNK])[:, self.genes].toarray()
-            out[s:s + _CHUNK] = 1 + _nearest((x - self.mean) @ self.components.T, self.centres)
+            out[s:s + _CHUNK] = 1 + _nearest(_dot(x - self.mean, self.components), self.centres)
         return out
 
     def draw(self, cond: np.ndarray, rng: np.random.Generator) -> np.ndarray:
