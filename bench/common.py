@@ -163,7 +163,8 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # Generation with 32 cell states (ModelConfig.cell_states; session 10), chosen on the development split
         # (seed 1) of PBMC 68k (classifier AUC / MMD 0.767 / 0.00940 without, 0.662 / 0.00820 with; a 16- and
         # a 32-state prototype 0.680 / 0.00826 and 0.648 / 0.00754) and mouse pancreas (16-state prototype:
-        # 0.765 / 0.00854 -> 0.645 / 0.00797); bench/model_changes.md.
+        # 0.765 / 0.00854 -> 0.645 / 0.00797); bench/model_changes.md. Only for this short `tiny` training: with
+        # `small` at 1,500 steps 32 states made PBMC 68k and mouse pancreas worse (bench/results/gen3_small_states32).
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=0.7, kang_guidance=0.0, kang_guidance_reference="composed", kang_n_per_cell=4,
                     papalexi_steps=750, papalexi_target_prior=0, gen_steps=480, loss_genes=256,
@@ -172,7 +173,7 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
                     scvi_max_epochs=100, scvi_max_updates=500, state_steps=40, embedding="pca")
     elif mode == "full":
         p = Profile(name="full", preset="base", kang_steps=4000, papalexi_steps=4000, papalexi_target_prior=0,
-                    gen_steps=4000, gen_cell_states=32,
+                    gen_steps=4000,  # no cell states: with `small` at 1,500 steps they made generation worse
                     gen_sample_steps=64, state_steps=4000, state_small=False, state_set_len=64, state_batch=16)
     else:
         raise ValueError(f"unknown mode {mode!r}")

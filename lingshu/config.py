@@ -72,7 +72,8 @@ class ModelConfig:
         state, plain generation draws a state from the training cells with the same labels
         (restoring within-type variation a short-trained denoiser under-disperses); guided,
         counterfactual and novel-combination draws use the null state. ``0``: off (the
-        published design).
+        published design). Measured to help short ``tiny`` training and to hurt ``small``
+        at its default length (``bench/model_changes.md``).
     cond_broadcast
         Also add every condition embedding to each gene-group token (besides the
         prepended condition tokens of the published design), so conditions reach every
