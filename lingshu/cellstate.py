@@ -28,21 +28,11 @@ import scipy.sparse as sp
 
 from .errors import LingshuError
 from .library import draw_from_table, unique_rows
+from .normalize import log_cp10k
 
 __all__ = ["CellState"]
 
-_TARGET_SUM = 1e4
 _CHUNK = 4096
-
-
-def _log_cp10k(counts) -> sp.csr_matrix:
-    """``log1p(counts / total * 1e4)`` per row, float64 CSR (rows with 0 counts stay 0)."""
-    x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
-    total = np.asarray(x.sum(axis=1)).ravel()
-    scale = np.divide(_TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
-    x = sp.csr_matrix(sp.diags(scale) @ x)
-    np.log1p(x.data, out=x.data)
-    return x
 
 
 def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100) -> np.ndarray:
@@ -107,9 +97,14 @@ class CellState:
         return len(self.centres)
 
     @classmethod
-    def fit(cls, counts, cond: np.ndarray, n_states: int, seed: int, *, n_genes: int = 512, n_pcs: int = 16,
-            max_cells: int = 20000) -> "CellState":
+    def fit(cls, counts, cond: np.ndarray, n_states: int, seed: int, **kwargs: int) -> "CellState":
         """Fit the states on the cells of ``counts`` (rows = cells) with condition ids ``cond`` (same rows)."""
+        return cls.fit_ids(counts, cond, n_states, seed, **kwargs)[0]
+
+    @classmethod
+    def fit_ids(cls, counts, cond: np.ndarray, n_states: int, seed: int, *, n_genes: int = 512, n_pcs: int = 16,
+                max_cells: int = 20000) -> tuple["CellState", np.ndarray]:
+        """:meth:`fit`, and the state id of each of those cells (what :meth:`ids` gives for ``counts``)."""
         counts = sp.csr_matrix(counts)
         if counts.shape[0] != len(cond):
             raise LingshuError(f"cell states: counts of {counts.shape[0]} cells but conditions of {len(cond)}")
@@ -118,7 +113,7 @@ class CellState:
         rng = np.random.default_rng([seed, 11])
         rows = (np.sort(rng.choice(counts.shape[0], max_cells, replace=False)) if counts.shape[0] > max_cells
                 else np.arange(counts.shape[0]))
-        x = _log_cp10k(counts[rows])
+        x = log_cp10k(counts[rows], dtype=np.float64)
         mean = np.asarray(x.mean(axis=0)).ravel()
         var = np.asarray(x.multiply(x).mean(axis=0)).ravel() - mean ** 2
         genes = np.sort(np.argsort(-var, kind="stable")[:min(n_genes, x.shape[1])])
@@ -131,18 +126,19 @@ class CellState:
         centres = _kmeans(pcs, k, rng)
         self = cls(genes.astype(np.int64), centre, components, centres, np.zeros((0, cond.shape[1]), np.int64),
                    np.zeros((0, k), np.int64))
+        ids = self.ids(counts)
         combos, inverse = unique_rows(cond)
         table = np.zeros((len(combos), k), dtype=np.int64)
-        np.add.at(table, (inverse, self.ids(counts) - 1), 1)
+        np.add.at(table, (inverse, ids - 1), 1)
         self.combos, self.counts = combos.astype(np.int64), table
-        return self
+        return self, ids
 
     def ids(self, counts) -> np.ndarray:
         """State ids ``(N,)`` (1-based) of the cells in a count matrix (rows = cells, all modelled genes)."""
         counts = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
         out = np.empty(counts.shape[0], dtype=np.int64)
         for s in range(0, counts.shape[0], _CHUNK):
-            x = _log_cp10k(counts[s:s + _CHUNK])[:, self.genes].toarray()
+            x = log_cp10k(counts[s:s + _CHUNK], dtype=np.float64)[:, self.genes].toarray()
             out[s:s + _CHUNK] = 1 + _nearest(_dot(x - self.mean, self.components), self.centres)
         return out
 

@@ -45,18 +45,21 @@ def draw_from_table(combos: np.ndarray, counts: np.ndarray, cond: np.ndarray, rn
         return out
     uniq, inverse = unique_rows(cond)
     for u, row in enumerate(uniq):
-        hits = (combos == row) | (row == 0)  # (M, K): the combination agrees with the row on key j
-        for k in range(len(row), -1 if fallback else len(row) - 1, -1):
-            w = counts[hits[:, :k].all(axis=1)].sum(0).astype(np.float64)
-            if w.sum() > 0:
-                break
-        else:
-            if not fallback:
-                continue
-            w = np.ones(counts.shape[1])
-        rows = np.flatnonzero(inverse == u)
-        out[rows] = 1 + rng.choice(counts.shape[1], size=len(rows), p=w / w.sum())
+        w = _weights(combos, counts, row, fallback)
+        if w is not None:
+            rows = np.flatnonzero(inverse == u)
+            out[rows] = 1 + rng.choice(counts.shape[1], size=len(rows), p=w / w.sum())
     return out
+
+
+def _weights(combos: np.ndarray, counts: np.ndarray, row: np.ndarray, fallback: bool) -> np.ndarray | None:
+    """Summed ``counts`` of the combinations matching ``row`` (see :func:`draw_from_table`); ``None``: no match."""
+    hits = (combos == row) | (row == 0)  # (M, K): the combination agrees with the row on key j
+    for k in range(len(row), -1, -1) if fallback else [len(row)]:
+        w = counts[hits[:, :k].all(axis=1)].sum(0).astype(np.float64)
+        if w.sum() > 0:
+            return w
+    return np.ones(counts.shape[1]) if fallback else None
 
 
 def _bin_index(edges: np.ndarray, totals: np.ndarray) -> np.ndarray:

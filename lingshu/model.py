@@ -146,9 +146,10 @@ class LingshuModel:
         self._block, self._buffer = block, buffer
         self._freq = self._frequencies(self._cond)
         fit_cond = self._cond if fit_rows is None else self._cond[fit_rows]
-        self.states = CellState.fit(fit, fit_cond, model_cfg.cell_states, seed) if model_cfg.cell_states else None
-        if self.states is not None:  # library bins are then tabled per (labels, state)
-            fit_cond = np.concatenate([fit_cond, self.states.ids(fit)[:, None]], axis=1)
+        self.states = None
+        if model_cfg.cell_states:  # library bins are then tabled per (labels, state)
+            self.states, ids = CellState.fit_ids(fit, fit_cond, model_cfg.cell_states, seed)
+            fit_cond = np.concatenate([fit_cond, ids[:, None]], axis=1)
         self.library = LibrarySize.fit(fit, fit_cond, model_cfg.library_bins) if model_cfg.library_bins else None
         torch.manual_seed(seed)
         self.denoiser = Denoiser(model_cfg, len(genes), self._cond_sizes())

@@ -9,10 +9,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import LingshuError
+from ..normalize import TARGET_SUM, log_cp10k
 
 __all__ = ["one_blas_thread", "as_counts", "align_genes", "log_cp10k", "joint_pca", "subsample", "half_split"]
-
-TARGET_SUM = 1e4
 
 
 def one_blas_thread(fn: Callable) -> Callable:
@@ -60,16 +59,6 @@ def align_genes(real, sim) -> tuple[sp.csr_matrix, sp.csr_matrix, list[str]]:
     xr = as_counts(real, "real")[:, real.var_names.get_indexer(genes)]
     xs = as_counts(sim, "sim")[:, sim.var_names.get_indexer(genes)]
     return sp.csr_matrix(xr), sp.csr_matrix(xs), genes
-
-
-def log_cp10k(counts) -> sp.csr_matrix:
-    """``log1p(counts / total * 1e4)`` per cell (cells x genes); cells with 0 counts stay 0."""
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    total = np.asarray(x.sum(axis=1)).ravel()  # (N,)
-    scale = np.divide(TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
-    x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
-    np.log1p(x.data, out=x.data)
-    return x
 
 
 @one_blas_thread
