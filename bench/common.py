@@ -195,6 +195,14 @@ def train_config(profile: Profile):
     return dataclasses.replace(preset(profile.preset).train, loss_genes=profile.loss_genes)
 
 
+def gen_model_config(profile: Profile):
+    """The preset's model with the profile's generation cell states, or ``None`` (the preset's own)."""
+    if profile.gen_cell_states is None:
+        return None
+    from lingshu.config import preset
+    return dataclasses.replace(preset(profile.preset).model, cell_states=profile.gen_cell_states)
+
+
 # ------------------------------------------------------ time and memory
 def _vm_hwm_mb() -> float | None:
     try:

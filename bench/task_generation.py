@@ -15,7 +15,6 @@ Beside the model, each scored against the same held-out half:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -24,8 +23,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (GEN_DATASETS, Meter, MissingData, Profile, combine, note, pin_threads,  # noqa: E402
-                    read_counts, resolve_device, run_evaluate, select_genes, stratified_subsample, train_config, wide)
+from common import (GEN_DATASETS, Meter, MissingData, Profile, combine, gen_model_config, note,  # noqa: E402
+                    pin_threads, read_counts, resolve_device, run_evaluate, select_genes, stratified_subsample,
+                    train_config, wide)
 
 log = logging.getLogger("bench")
 LABEL = "cell_type"
@@ -67,7 +67,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         report_dir = out / "generation" / name
         opts = dict(context_key=LABEL, distribution="pooled", seed=profile.seed)
 
-        model = LingshuModel(train, context_keys=[LABEL], preset=profile.preset, config=model_config(profile),
+        model = LingshuModel(train, context_keys=[LABEL], preset=profile.preset, config=gen_model_config(profile),
                              seed=profile.seed)
         pin_threads()
         with Meter() as m_train:
@@ -107,14 +107,6 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         pd.DataFrame(rows).to_csv(out / "generation.partial.csv", index=False)
     (out / "generation.partial.csv").unlink(missing_ok=True)
     return pd.DataFrame(rows)
-
-
-def model_config(profile: Profile):
-    """The preset's model with the profile's number of cell states, or ``None`` (the preset's own)."""
-    if profile.gen_cell_states is None:
-        return None
-    from lingshu.config import preset
-    return dataclasses.replace(preset(profile.preset).model, cell_states=profile.gen_cell_states)
 
 
 if __name__ == "__main__":
