@@ -222,6 +222,11 @@ def simulate(
         "--mask-fraction",
         help="With --in: start from each input cell's counts and re-generate this fraction of its genes under "
              "the perturbation (a per-cell counterfactual); default: from the condition labels alone.")] = None,
+    coupling: Annotated[str, typer.Option(
+        "--coupling",
+        help="With --mask-fraction: independent (re-generated genes drawn afresh) or quantile (each carried from "
+             "its observed value's quantile under the control to the same quantile under the perturbation, "
+             "keeping the input cells' co-variation).")] = "independent",
     seed: Seed = 0,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
@@ -232,6 +237,7 @@ def simulate(
     from lingshu.config import GUIDANCE_REFERENCES
     from lingshu.errors import LingshuError
     from lingshu.io import check_output_path, read_cells
+    from lingshu.sampler import COUPLINGS
     from lingshu.validation import check_labels
 
     progress = setup(quiet)
@@ -252,6 +258,10 @@ def simulate(
         raise LingshuError("--condition applies to --n-cells; with --in the context comes from the cells")
     if mask_fraction is not None and input is None:
         raise LingshuError("--mask-fraction needs --in (the cells whose counts the simulation starts from)")
+    if coupling not in COUPLINGS:
+        raise LingshuError(f"--coupling must be {' or '.join(COUPLINGS)}, got {coupling!r}")
+    if coupling != "independent" and mask_fraction is None:
+        raise LingshuError(f"--coupling {coupling} needs --mask-fraction (it carries the --in cells' own counts)")
     if mask_fraction is not None and not 0 < mask_fraction <= 1:
         raise LingshuError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
     if n_cells is not None and n_cells < 1:
@@ -278,7 +288,7 @@ def simulate(
                                     guidance_scale=2.0 if guidance is None else guidance,
                                     guidance_reference=guidance_reference,
                                     steps=3 if steps is None else steps, seed=seed, device=device, progress=progress,
-                                    prior=fixed or None, mask_fraction=mask_fraction)
+                                    prior=fixed or None, mask_fraction=mask_fraction, coupling=coupling)
     else:
         _check_conditions(model, conditions)
         console.print(f"generating {n_cells:,} cells", markup=False, highlight=False)

@@ -21,7 +21,7 @@ from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
 from .library import LibrarySize, unique_rows
-from .sampler import sample_tokens
+from .sampler import COUPLINGS, sample_tokens, transport_tokens
 from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
 from .trainer import Trainer, resolve_device
 from .validation import check_labels, counts_matrix, require_obs_keys, require_unique_genes
@@ -335,22 +335,32 @@ class LingshuModel:
                       guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
                       seed: int = 0, device: str = "auto", batch_size: int = 256,
                       prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
-                      mask_fraction: float = 1.0, progress: bool = False,
+                      mask_fraction: float = 1.0, coupling: str = "independent", progress: bool = False,
                       chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
         """:meth:`simulate` in chunks of ``chunk_cells`` cells (same cells for the same seed and chunk size).
 
         Memory is ``O(chunk_cells x genes)`` whatever the number of cells (default 1,024
         cells per chunk); write the chunks with :class:`lingshu.h5ad_stream.H5adStreamWriter`.
+        ``coupling="quantile"`` (counterfactual mode of a perturbation model; the start cells are
+        taken to be control cells of their context): each re-generated gene is carried from its
+        observed value's quantile under the control to the same quantile under the target, in one
+        pass (:func:`lingshu.sampler.transport_tokens`), instead of drawn afresh in ``steps`` steps.
         """
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
                            guidance_reference=guidance_reference, batch_size=batch_size, seed=seed)
+        if coupling not in COUPLINGS:
+            raise LingshuError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
+        quantile = coupling == "quantile"
+        if quantile and (start_counts is None or self.perturbation_key is None):
+            raise LingshuError("quantile coupling needs start cells and a model trained with a perturbation key")
         conditions = conditions.reset_index(drop=True)
         cond = self.vocab.encode(conditions, allow_missing_keys=True)
         composed = guidance_reference == "composed"
         if composed and self.perturbation_key is None:
             raise LingshuError("composed guidance needs a model trained with a perturbation key")
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
+        source = self._with_extras(self._reference(cond, "control"), None, start_counts, seed)[0] if quantile else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
         pooled = self._context_free(cond, ref) if composed else None
         dev = resolve_device(device)
@@ -360,22 +370,30 @@ class LingshuModel:
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
                 "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
-                "prior_genes": sorted(prior) if prior else []}
+                "coupling": coupling, "prior_genes": sorted(prior) if prior else []}
         for c, start in enumerate(range(0, len(cond), chunk_cells)):
             sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
             if start_counts is not None:
                 init = self.tokenizer.encode(sp.csr_matrix(start_counts[sl]))
                 regen = torch.from_numpy(rng.random(init.shape) < mask_fraction)
+                if quantile:
+                    regen[:, list(fixed)] = False
+                    observed = init.clone()
                 init[regen] = MASK_ID
             for j, tok in fixed.items():
                 init[:, j] = tok
-            tokens = sample_tokens(self.denoiser, torch.from_numpy(cond[sl]), init,
-                                   dataclasses.replace(cfg, seed=seed + 7919 * c),
-                                   ref=None if ref is None else torch.from_numpy(ref[sl]),
-                                   pooled=None if pooled is None else tuple(torch.from_numpy(p[sl]) for p in pooled),
-                                   device=dev,
-                                   progress=progress, autocast=dev.type == "cuda")
+            kw = dict(ref=None if ref is None else torch.from_numpy(ref[sl]),
+                      pooled=None if pooled is None else tuple(torch.from_numpy(p[sl]) for p in pooled),
+                      device=dev, progress=progress, autocast=dev.type == "cuda")
+            cfg_c = dataclasses.replace(cfg, seed=seed + 7919 * c)
+            if quantile:
+                tokens = transport_tokens(self.denoiser, torch.from_numpy(cond[sl]), torch.from_numpy(source[sl]),
+                                          observed, regen, cfg_c, **kw)
+                for j, tok in fixed.items():
+                    tokens[:, j] = tok
+            else:
+                tokens = sample_tokens(self.denoiser, torch.from_numpy(cond[sl]), init, cfg_c, **kw)
             x = sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32))
             yield self._chunk(x, conditions.iloc[sl], start, meta)
 
@@ -443,6 +461,10 @@ class LingshuModel:
             ``None``: sample from the condition tokens alone (published). A value in
             (0, 1]: counterfactual mode, start from each input cell's counts and
             re-generate that fraction of its genes under the perturbation.
+        coupling
+            Counterfactual mode: ``"independent"`` draws the re-generated genes afresh (default);
+            ``"quantile"`` carries each from its observed value's quantile under the control to
+            the same quantile under the perturbation, keeping the source cells' co-variation.
         layer
             Where the input counts are (counterfactual mode).
 

@@ -307,6 +307,27 @@ def test_simulate_prior_and_counterfactual_start(tmp_path, model_dir, counts_ada
     assert np.all(ad.read_h5ad(gen).X.toarray()[:, 0] == 2)
 
 
+def test_simulate_quantile_coupling(tmp_path, model_dir, counts_adata):
+    # carried to their own condition (control, no guidance), control cells come back unchanged
+    ctrl = tmp_path / "ctrl.h5ad"
+    cells = counts_adata[(counts_adata.obs["condition"] == "control").to_numpy()].copy()
+    cells.write_h5ad(ctrl)
+    out, stim = tmp_path / "same.h5ad", tmp_path / "stim.h5ad"
+    args = ("simulate", "--in", ctrl, "--model", model_dir, "--mask-fraction", "1", "--coupling", "quantile",
+            "--guidance", "0", "--device", "cpu", "--quiet")
+    assert run(*args, "--perturb", "control", "--out", out).exit_code == 0
+    same = ad.read_h5ad(out)
+    assert np.array_equal(same.X.toarray(), cells.X.toarray()) and same.uns["lingshu"]["coupling"] == "quantile"
+    assert run(*args, "--perturb", "stim", "--out", stim).exit_code == 0
+    x = ad.read_h5ad(stim).X.toarray()
+    assert x[:, 15:30].mean() > 1.5 * cells.X.toarray()[:, 15:30].mean()  # stim raises genes 15-29 five-fold
+    assert_user_error(run("simulate", "--in", ctrl, "--model", model_dir, "--perturb", "stim", "--coupling",
+                          "quantile", "--out", tmp_path / "x.h5ad"), "--coupling quantile needs --mask-fraction")
+    assert_user_error(run(*args, "--perturb", "stim", "--coupling", "optimal", "--out", tmp_path / "x.h5ad"),
+                      "--coupling must be independent or quantile")
+    assert not (tmp_path / "x.h5ad").exists()
+
+
 def test_simulate_prior_and_mask_fraction_errors(tmp_path, model_dir, counts_h5ad):
     out = tmp_path / "x.h5ad"
     args = ("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out)

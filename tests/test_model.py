@@ -173,3 +173,19 @@ def test_bad_input_messages():
     m = _model()
     with pytest.raises(LingshuError, match="never seen in training.*closest: stim"):
         m.predict(make_counts(n_cells=4), ["stimm"])
+
+
+def test_quantile_counterfactual_keeps_the_source_cells_under_their_own_condition():
+    m = _model()
+    m.train(max_steps=5, device="cpu")
+    src = make_counts(n_cells=8, seed=3)
+    src = src[src.obs["condition"] == "control"].copy()
+    same = m.predict(src, ["control"], guidance_scale=0.0, mask_fraction=1.0, coupling="quantile", seed=0)
+    assert np.array_equal(same.X.toarray(), src.X.toarray())  # counts < 100 decode exactly
+    assert same.uns["lingshu"]["coupling"] == "quantile"
+    stim = m.predict(src, ["stim"], guidance_scale=0.0, mask_fraction=1.0, coupling="quantile", seed=0, n_per_cell=2)
+    assert stim.n_obs == 8 and not np.array_equal(stim.X.toarray()[::2], src.X.toarray())
+    with pytest.raises(LingshuError, match="quantile coupling needs start cells"):
+        m.predict(src, ["stim"], coupling="quantile")
+    with pytest.raises(LingshuError, match="coupling must be one of"):
+        m.predict(src, ["stim"], mask_fraction=0.5, coupling="optimal")

@@ -24,6 +24,9 @@
 #'   starts from each input cell's counts and re-generates that fraction of its genes; the
 #'   counts are then sent to Python (gene names are matched to the model's, undoing
 #'   Seurat's `_` -> `-` rewrite).
+#' @param coupling With `mask_fraction`: `"independent"` (default) draws the re-generated genes
+#'   afresh; `"quantile"` carries each from its observed count's quantile under the control to
+#'   the same quantile under the perturbation, keeping the input cells' co-variation.
 #' @param assay Seurat assay with the counts (only used with `mask_fraction`).
 #' @param prior Prior injection: a named vector of whole counts, e.g. `c(STAT1 = 0)` for a
 #'   knock-out of STAT1; each named gene is fixed at its count in every simulated cell and
@@ -52,10 +55,14 @@
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
                              guidance_reference = c("control", "null", "composed"), seed = 0, steps = 3,
-                             mask_fraction = NULL, assay = NULL, prior = NULL, device = "auto",
-                             as = c("Seurat", "SingleCellExperiment")) {
+                             mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
+                             prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
   guidance_reference <- match.arg(guidance_reference)
+  coupling <- match.arg(coupling)
+  if (coupling != "independent" && is.null(mask_fraction)) {
+    stop("coupling = \"", coupling, "\" needs mask_fraction (it carries the input cells' own counts)", call. = FALSE)
+  }
   py <- .check_model(model)
   if (is.null(py$perturbation_key)) {
     stop("this model was trained without a perturbation_key, so it cannot perturb cells; ",
@@ -69,7 +76,8 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
     guidance_reference = guidance_reference, steps = .py_int(steps), seed = .py_int(seed),
-    mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), prior = prior,
+    mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), coupling = coupling,
+    prior = prior,
     device = device, progress = FALSE
   ))
   out <- .from_anndata(sim)

@@ -125,6 +125,17 @@ test_that("prior injection fixes the named genes in every simulated or generated
                "prior gene 'IL6' was never seen", class = "lingshu_error")
 })
 
+test_that("quantile coupling carries control cells to their own condition unchanged", {
+  skip_if_no_lingshu()
+  ctrl <- control_cells()[, 1:10]
+  same <- lingshu_simulate(ctrl, perturb = "control", model = fixture_model(), guidance = 0, mask_fraction = 1,
+                           coupling = "quantile", device = "cpu")
+  expect_equal(as.matrix(counts_of(same)), as.matrix(counts_of(ctrl)), ignore_attr = TRUE)
+  expect_equal(SeuratObject::Misc(same, "lingshu")$coupling, "quantile")
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), coupling = "quantile"),
+               "needs mask_fraction")
+})
+
 test_that("cell_states reaches the engine and a state-conditioned model generates Seurat cells", {
   skip_if_no_lingshu()
   m <- lingshu_train(make_seurat(), context_keys = "cell_type", cell_states = 3, max_steps = 3,
