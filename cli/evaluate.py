@@ -35,6 +35,10 @@ def evaluate(
     distribution: Annotated[str, typer.Option(
         "--distribution", help="Distribution metrics: full (per condition and pooled), pooled or none.")] = "full",
     embedding: Annotated[str, typer.Option("--embedding", help="2-D view for the plot: umap or pca.")] = "umap",
+    equal_cells: Annotated[bool, typer.Option(
+        "--equal-cells/--all-cells",
+        help="Distribution metrics on the same number of cells per condition for the prediction and every "
+             "baseline (the fewest any has), or on all cells of each.")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier report in --out.")] = False,
@@ -56,7 +60,8 @@ def evaluate(
     _check_out_dir(out, overwrite)  # before reading possibly large files
     report = run_evaluate(pred, real, control=control, perturbation_key=perturbation_key, control_label=control_label,
                           context_key=context_key, baselines=names, train=train, distribution=distribution,
-                          out_dir=out, overwrite=overwrite, plots=plots, embedding=embedding, seed=seed)
+                          out_dir=out, overwrite=overwrite, plots=plots, embedding=embedding, seed=seed,
+                          equal_cells=equal_cells)
     family = "perturbation" if (report["family"] == "perturbation").any() else "distribution"
     table = summary_table(report, family, None if family == "perturbation" else "all")
     if not quiet:

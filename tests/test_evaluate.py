@@ -76,6 +76,23 @@ def test_identical_prediction_scores_perfectly(kang):
     assert dist["classifier_auc"] <= 0.5  # exact copies cannot be told apart
 
 
+def test_distribution_metrics_compare_equal_numbers_of_cells(kang):
+    """A prediction with 4 cells per source is scored on as many cells as the baselines (one per source)."""
+    real = kang[kang.obs["cell_type"].isin(["B", "NK"]).to_numpy()].copy()
+    stim = real[(real.obs["condition"] == "stimulated").to_numpy()]
+    pred = ad.concat([stim] * 4, index_unique="-")  # the true cells, each 4 times
+    kw = FAST | {"baselines": ["control"]}
+    every, equal = evaluate(pred, real, equal_cells=False, **kw), evaluate(pred, real, **kw)
+
+    def dist(report, method="model"):
+        return values(report, method, family="distribution", condition="all").set_index("metric")["value"]
+
+    assert dist(every)["energy_distance"] == pytest.approx(0.0, abs=1e-6)  # 4 x the truth: the same distribution
+    assert dist(equal)["energy_distance"] > 0.05  # cut to the control baseline's cell count: some repeated, some not
+    assert dist(equal, "control").equals(dist(every, "control"))  # the baseline with the fewest is not cut
+    assert any("fewest" in n for n in equal.attrs["notes"]) and not any("fewest" in n for n in every.attrs["notes"])
+
+
 def test_shuffled_labels_score_at_chance(kang):
     is_ctrl = (kang.obs["condition"] == "control").to_numpy()
     x = log_normalize(kang.X)

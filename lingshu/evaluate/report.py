@@ -161,10 +161,44 @@ def _compare(real, sim, genes, opts, labels=None) -> dict[str, float]:
     return compare(sp.csr_matrix(real.X), sp.csr_matrix(sim.X), genes, **lab, **opts)
 
 
-def _distribution_metrics(e: Evaluation, names: list[str], opts: dict, per_condition: bool) -> None:
+def _equal_cells(methods: dict, ev: EvalInputs, seed: int) -> dict:
+    """Every method's simulated cells cut to the same number per condition: the fewest any method has.
+
+    MMD and energy distance are V-statistics whose value grows as samples shrink (for two samples
+    of one distribution, by about ``1/n + 1/m`` times a constant), and a classifier's AUC is
+    noisier on fewer cells; a model simulating 4 cells per source cell would otherwise be scored
+    on 4x the cells of the baselines (one per source). Cells are drawn without replacement, seeded.
+    """
+    names = [k for k, v in methods.items() if v is not None]
+    if len(names) < 2:
+        return methods
+    rng = np.random.default_rng([seed, 8191])
+    labels = {k: methods[k].obs[COND].to_numpy() for k in names}
+    keep = {k: [] for k in names}
+    cut = 0
+    for c in ev.conditions:
+        idx = {k: np.flatnonzero(labels[k] == c) for k in names}
+        sizes = [len(i) for i in idx.values() if len(i)]
+        n = min(sizes) if sizes else 0
+        for k, i in idx.items():
+            if len(i) > n:
+                i, cut = np.sort(rng.choice(i, n, replace=False)), cut + 1
+            keep[k].append(i)
+    if cut:
+        msg = ("distribution metrics: each method scored on as many simulated cells per condition as the method "
+               "with the fewest (randomly chosen; MMD and energy distance depend on sample size)")
+        log.info(msg)
+        ev.notes.append(msg)
+    return methods | {k: methods[k][np.sort(np.concatenate(keep[k]))] for k in names}
+
+
+def _distribution_metrics(e: Evaluation, names: list[str], opts: dict, per_condition: bool,
+                          equal_cells: bool = True) -> None:
     ev = e.inputs
     conds = (list(ev.conditions) if per_condition else []) + ["all"]
     methods = {k: v[0] for k, v in e.methods.items()}
+    if equal_cells and ev.perturbation_key:
+        methods = _equal_cells(methods, ev, e.seed)
     if "half_split" in names:
         first, second = _halves(ev.real, e.seed)
         if first.size:
@@ -194,7 +228,7 @@ def evaluate(pred, real, *, control=None, perturbation_key: str | None = None, c
              context_key: str | None = None, baselines=("control", "pert_mean", "additive", "half_split"),
              train=None, distribution: str = "full", out_dir=None, overwrite: bool = False, plots: bool = True,
              embedding: str = "umap", seed: int = 0, n_pcs: int = 50,
-             max_cells: int | None = MAX_CELLS) -> pd.DataFrame:
+             max_cells: int | None = MAX_CELLS, equal_cells: bool = True) -> pd.DataFrame:
     """Score simulated cells against real ones, beside simple baselines and the real-data ceiling.
 
     Two families of metrics, every one computed for the prediction (``model``), for each
@@ -251,6 +285,12 @@ def evaluate(pred, real, *, control=None, perturbation_key: str | None = None, c
         Seed of the half split, the baselines' rounding, PCA, classifiers and subsampling.
     n_pcs, max_cells
         Passed to :func:`lingshu.metrics.compare`.
+    equal_cells
+        Score the distribution metrics of the prediction and of every baseline on the same
+        number of simulated cells per condition (the fewest any of them has; the baselines
+        make one cell per control cell). ``False``: each on all its cells. MMD and energy
+        distance shrink as samples grow, so unequal sizes favour the larger one.
+        ``half_split`` always compares two halves of the real cells.
 
     Returns
     -------
@@ -284,7 +324,7 @@ def evaluate(pred, real, *, control=None, perturbation_key: str | None = None, c
         _perturbation_metrics(e, names)
     if distribution != "none":
         opts = {"n_pcs": n_pcs, "seed": seed, "max_cells": max_cells}
-        _distribution_metrics(e, names, opts, per_condition=distribution == "full")
+        _distribution_metrics(e, names, opts, per_condition=distribution == "full", equal_cells=equal_cells)
     report = pd.DataFrame(e.rows, columns=COLUMNS)
     report.attrs["notes"] = list(ev.notes)
     if out is not None:
