@@ -257,7 +257,9 @@ def _profile_text(p: dict) -> str:
              f"{p.get('papalexi_steps')} / generation {p.get('gen_steps')}"
              + (f", at most {p['loss_genes']} masked genes per cell in the loss" if p.get("loss_genes") else ""),
              f"predict {p.get('predict_steps')} steps with guidance {p.get('guidance_scale')}"
-             + (f" (Kang: counterfactual start, mask fraction {p['kang_mask_fraction']})"
+             + (f" (Kang: counterfactual start, mask fraction {p['kang_mask_fraction']}"
+                + (f", {p['kang_coupling']} coupling" if p.get("kang_coupling", "independent") != "independent"
+                   else "") + ")"
                 if p.get("kang_mask_fraction") else "")
              + (f"; Kang guidance {p['kang_guidance']}" if p.get("kang_guidance") is not None else "")
              + (f" relative to `{p['kang_guidance_reference']}`"

@@ -71,7 +71,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
             pred = model.predict(source, [STIM], guidance_scale=guidance, steps=profile.predict_steps,
                                  n_per_cell=profile.kang_n_per_cell,
                                  guidance_reference=profile.kang_guidance_reference,
-                                 mask_fraction=profile.kang_mask_fraction,
+                                 mask_fraction=profile.kang_mask_fraction, coupling=profile.kang_coupling,
                                  seed=profile.seed, device=device)
         with Meter() as m_eval:
             report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
