@@ -376,22 +376,17 @@ class LingshuModel:
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
             if start_counts is not None:
                 init = self.tokenizer.encode(sp.csr_matrix(start_counts[sl]))
-                regen = torch.from_numpy(rng.random(init.shape) < mask_fraction)
-                if quantile:
-                    regen[:, list(fixed)] = False
-                    observed = init.clone()
-                init[regen] = MASK_ID
+                observed = init.clone()
+                init[torch.from_numpy(rng.random(init.shape) < mask_fraction)] = MASK_ID
             for j, tok in fixed.items():
                 init[:, j] = tok
             kw = dict(ref=None if ref is None else torch.from_numpy(ref[sl]),
                       pooled=None if pooled is None else tuple(torch.from_numpy(p[sl]) for p in pooled),
                       device=dev, progress=progress, autocast=dev.type == "cuda")
             cfg_c = dataclasses.replace(cfg, seed=seed + 7919 * c)
-            if quantile:
+            if quantile:  # the source pass sees the cells' own counts, the target pass the prior
                 tokens = transport_tokens(self.denoiser, torch.from_numpy(cond[sl]), torch.from_numpy(source[sl]),
-                                          observed, regen, cfg_c, **kw)
-                for j, tok in fixed.items():
-                    tokens[:, j] = tok
+                                          init, observed, cfg_c, **kw)
             else:
                 tokens = sample_tokens(self.denoiser, torch.from_numpy(cond[sl]), init, cfg_c, **kw)
             x = sp.csr_matrix(self.tokenizer.decode(tokens, rng).astype(np.float32))

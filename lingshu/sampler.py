@@ -230,8 +230,8 @@ def _transport_at(log_probs, src_log_probs, observed, rows, cols, generator, chu
 
 
 @torch.no_grad()
-def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, observed: torch.Tensor,
-                     regenerate: torch.Tensor, cfg: SampleConfig, *, ref: torch.Tensor | None = None,
+def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: torch.Tensor, observed: torch.Tensor,
+                     cfg: SampleConfig, *, ref: torch.Tensor | None = None,
                      pooled: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str = "cpu",
                      progress: bool = False, autocast: bool = False) -> torch.Tensor:
     """Counterfactual tokens by quantile coupling (see the module docstring), in one denoiser pass.
@@ -245,18 +245,19 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, observe
     source
         ``(N, K)`` condition ids the observed cells come from (their own labels; for a
         perturbation prediction the same context at the control).
+    init
+        ``(N, G)`` tokens the target is conditioned on, as in :func:`sample_tokens`: MASK at the
+        genes to carry, the observed value at kept genes, the prior-injected value at fixed ones.
     observed
-        ``(N, G)`` value tokens of the observed cells (no MASK).
-    regenerate
-        ``(N, G)`` bool: the genes carried to the target; the others keep their observed value
-        and condition both distributions.
+        ``(N, G)`` value tokens of the observed cells (no MASK); with the carried genes masked
+        they condition the source distribution.
     cfg
         Guidance scale and reference, batch size and seed (``steps`` is not used: one pass).
 
     Returns
     -------
     torch.Tensor
-        ``(N, G)`` int64 value tokens on the CPU.
+        ``(N, G)`` int64 value tokens on the CPU: ``init`` with every MASK carried.
     """
     if pooled is not None and ref is None:
         raise ValueError("composed guidance (pooled) needs ref: the same context at the control")
@@ -268,18 +269,19 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, observe
     with progress_bar(progress, "transport", total=math.ceil(n / cfg.batch_size)) as bar:
         for start in range(0, n, cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
+            x = init[sl].to(device)
+            carried = x == MASK_ID
             obs = observed[sl].to(device)
-            regen = regenerate[sl].to(device)
-            x = obs.masked_fill(regen, MASK_ID)
             c, s = cond[sl].to(device), source[sl].to(device)
             r = ref[sl].to(device) if ref is not None else None
             pl = tuple(t[sl].to(device) for t in pooled) if pooled is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl)
-                src = _log_prob_fn(denoiser, x, s, None, 0.0, None)
-                rows, cols = regen.nonzero(as_tuple=True)
+                src = _log_prob_fn(denoiser, obs.masked_fill(carried, MASK_ID), s, None, 0.0, None)
+                rows, cols = carried.nonzero(as_tuple=True)
                 values = _transport_at(target, src, obs[rows, cols], rows, cols, generator)
+            x = x.clone()
             x[rows, cols] = values
             out.append(x.cpu())
             bar.advance()
-    return torch.cat(out) if out else observed.clone()
+    return torch.cat(out) if out else init.clone()

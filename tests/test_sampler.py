@@ -145,9 +145,12 @@ def test_quantile_transport_to_the_source_itself_returns_the_observed_cells(deno
     gen = torch.Generator().manual_seed(1)
     observed = torch.randint(0, 281, (12, 40), generator=gen)
     regen = torch.rand((12, 40), generator=gen) < 0.7
+    init = observed.masked_fill(regen, MASK_ID)
     cond = torch.tensor([[1, 2]] * 12)
-    out = transport_tokens(denoiser, cond, cond, observed, regen, SampleConfig(seed=0, batch_size=5))
+    out = transport_tokens(denoiser, cond, cond, init, observed, SampleConfig(seed=0, batch_size=5))
     assert torch.equal(out, observed)
-    other = transport_tokens(denoiser, torch.tensor([[2, 1]] * 12), cond, observed, regen,
+    other = transport_tokens(denoiser, torch.tensor([[2, 1]] * 12), cond, init, observed,
                              SampleConfig(seed=0, batch_size=5))
     assert torch.equal(other[~regen], observed[~regen]) and not torch.equal(other[regen], observed[regen])
+    init[:, 3] = 0  # a prior-injected gene stays at its value
+    assert torch.all(transport_tokens(denoiser, cond, cond, init, observed, SampleConfig(seed=0))[:, 3] == 0)
