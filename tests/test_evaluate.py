@@ -8,8 +8,6 @@ when the shared data folder is absent.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -17,11 +15,13 @@ import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
+from lingshu.datasets import shared_data_path
 from lingshu.errors import LingshuError
 from lingshu.evaluate import (DETable, auprc, discrimination_scores, evaluate, log_normalize, make_baseline,
                               pearson_delta, summarize_side)
 
-KANG = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_ifnb_pbmc_scgen_valid.h5ad"
+KANG_FILE = "kang2018_ifnb_pbmc_scgen_valid.h5ad"
+KANG = shared_data_path(KANG_FILE)  # $LINGSHU_DATA_DIR, else ../shared/data
 FAST = {"perturbation_key": "condition", "context_key": "cell_type", "distribution": "pooled", "plots": False}
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.f
 @pytest.fixture(scope="module")
 def kang() -> ad.AnnData:
     """All 1,975 cells, the 300 genes with most counts; obs: cell_type, condition."""
-    if not KANG.exists():
-        pytest.skip(f"shared data not found: {KANG}")
+    if KANG is None:
+        pytest.skip(f"shared data not found: {KANG_FILE} (set LINGSHU_DATA_DIR, or put ../shared/data beside the repository)")
     a = ad.read_h5ad(KANG)
     top = np.sort(np.argsort(-np.asarray(a.X.sum(axis=0)).ravel())[:300])
     a = a[:, top].copy()
