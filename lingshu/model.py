@@ -360,8 +360,9 @@ class LingshuModel:
         if composed and self.perturbation_key is None:
             raise LingshuError("composed guidance needs a model trained with a perturbation key")
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
-        source = self._with_extras(self._reference(cond, "control"), None, start_counts, seed)[0] if quantile else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
+        source = self._reference(cond, "control") if quantile else None  # the extra columns (null state, the
+        # start cells' library bins) are the same for the source
         pooled = self._context_free(cond, ref) if composed else None
         dev = resolve_device(device)
         self.denoiser.to(dev)

@@ -151,6 +151,23 @@ def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=
     return x
 
 
+def _batches(denoiser, cfg: SampleConfig, device, ref, pooled, *tensors):
+    """Shared start of the samplers: checks, eval mode, the seeded generator, then row batches on ``device``.
+
+    Yields ``(generator, batch)``; ``batch`` holds each of ``tensors``, ``ref`` and ``pooled`` (a tuple,
+    or ``None``) cut to the same ``cfg.batch_size`` rows, in order.
+    """
+    if pooled is not None and ref is None:
+        raise ValueError("composed guidance (pooled) needs ref: the same context at the control")
+    device = torch.device(device)
+    denoiser.eval()
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    for start in range(0, tensors[0].shape[0], cfg.batch_size):
+        sl = slice(start, start + cfg.batch_size)
+        yield generator, (*(t[sl].to(device) for t in tensors), None if ref is None else ref[sl].to(device),
+                          None if pooled is None else tuple(t[sl].to(device) for t in pooled))
+
+
 @torch.no_grad()
 def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleConfig, *,
                   ref: torch.Tensor | None = None, pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -189,26 +206,15 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
     torch.Tensor
         ``(N, G)`` int64 value tokens on the CPU, no MASK left.
     """
-    if pooled is not None and ref is None:
-        raise ValueError("composed guidance (pooled) needs ref: the same context at the control")
-    device = torch.device(device)
-    denoiser.eval()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     out = []
-    n = cond.shape[0]
-    n_batches = math.ceil(n / cfg.batch_size)
-    with progress_bar(progress, "sampling", total=n_batches * cfg.steps) as bar:
-        for start in range(0, n, cfg.batch_size):
-            sl = slice(start, start + cfg.batch_size)
-            x = init[sl].to(device)
-            c = cond[sl].to(device)
-            r = ref[sl].to(device) if ref is not None else None
-            pl = tuple(t[sl].to(device) for t in pooled) if pooled is not None else None
+    device_type = torch.device(device).type
+    with progress_bar(progress, "sampling", total=math.ceil(cond.shape[0] / cfg.batch_size) * cfg.steps) as bar:
+        for generator, (x, c, r, pl) in _batches(denoiser, cfg, device, ref, pooled, init, cond):
             n0 = (x == MASK_ID).sum(1)
             for step in range(1, cfg.steps + 1):
                 n_reveal = (x == MASK_ID).sum(1) - n_masked_after(n0, step, cfg.steps, cfg.schedule)
                 if int(n_reveal.max()) > 0:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                         x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator, pl)
                 bar.advance()
             out.append(x.cpu())
@@ -259,23 +265,13 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: t
     torch.Tensor
         ``(N, G)`` int64 value tokens on the CPU: ``init`` with every MASK carried.
     """
-    if pooled is not None and ref is None:
-        raise ValueError("composed guidance (pooled) needs ref: the same context at the control")
-    device = torch.device(device)
-    denoiser.eval()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     out = []
-    n = cond.shape[0]
-    with progress_bar(progress, "transport", total=math.ceil(n / cfg.batch_size)) as bar:
-        for start in range(0, n, cfg.batch_size):
-            sl = slice(start, start + cfg.batch_size)
-            x = init[sl].to(device)
+    device_type = torch.device(device).type
+    with progress_bar(progress, "transport", total=math.ceil(cond.shape[0] / cfg.batch_size)) as bar:
+        for generator, (x, obs, c, s, r, pl) in _batches(denoiser, cfg, device, ref, pooled, init, observed, cond,
+                                                         source):
             carried = x == MASK_ID
-            obs = observed[sl].to(device)
-            c, s = cond[sl].to(device), source[sl].to(device)
-            r = ref[sl].to(device) if ref is not None else None
-            pl = tuple(t[sl].to(device) for t in pooled) if pooled is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                 target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl)
                 src = _log_prob_fn(denoiser, obs.masked_fill(carried, MASK_ID), s, None, 0.0, None)
                 rows, cols = carried.nonzero(as_tuple=True)
