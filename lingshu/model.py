@@ -377,7 +377,7 @@ class LingshuModel:
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
             if start_counts is not None:
                 init = self.tokenizer.encode(sp.csr_matrix(start_counts[sl]))
-                observed = init.clone()
+                observed = init.clone() if quantile else None
                 init[torch.from_numpy(rng.random(init.shape) < mask_fraction)] = MASK_ID
             for j, tok in fixed.items():
                 init[:, j] = tok
