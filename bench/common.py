@@ -86,6 +86,7 @@ class Profile:
     kang_coupling: str = "independent"  # counterfactual start: re-generated genes drawn afresh, or "quantile"
     papalexi_target_prior: int | None = None  # prior injection: the target gene fixed at this count; None = off
     gen_sample_steps: int = 32
+    gen_sample_seeds: int = 3  # generation: Lingshu sampled with seeds seed .. seed+n-1; Task 3 judged on the mean
     gen_cell_states: int | None = None  # generation: ModelConfig.cell_states; None = the preset's (0, off)
     # data size
     max_genes: int | None = None  # HVGs picked on the training cells only; None = all genes

@@ -76,6 +76,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "--quick sets 256, sized for tiny)")
     ap.add_argument("--cell-states", type=int, default=None,
                     help="generation: override the number of cell states the model conditions on (0: off)")
+    ap.add_argument("--sample-seeds", type=int, default=None,
+                    help="generation: sampling seeds per trained model (default 3; Task 3 targets use the mean)")
     ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
     ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
     ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell_states is not None and args.cell_states < 0:
         print(f"error: --cell-states must be >= 0 (0: off), got {args.cell_states}", file=sys.stderr)
         return 2
+    if args.sample_seeds is not None and args.sample_seeds < 1:
+        print(f"error: --sample-seeds must be >= 1, got {args.sample_seeds}", file=sys.stderr)
+        return 2
     if args.loss_genes is not None and args.loss_genes < 0:
         print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
         return 2
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
                            kang_coupling=args.coupling,
-                           gen_cell_states=args.cell_states)
+                           gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,
