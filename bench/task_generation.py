@@ -6,7 +6,7 @@ pancreas, mouse bladder, C. elegans neurons): split the cells in two halves stra
 many cells of each type as the other (held-out) half holds, and score with ``lingshu evaluate``
 (distribution metrics, cell-type proportions and marker genes) against the held-out half.
 The same model is sampled again with ``gen_sample_seeds - 1`` more seeds (rows
-``lingshu_seed<k>``, distribution metrics only): with 300 held-out cells the classifier AUC of one
+``lingshu_seed<k>``, scored the same way, no plots): with 300 held-out cells the classifier AUC of one
 draw moved by up to 0.10 between seeds (development split), so the Task 3 targets are judged on the mean.
 Beside the model, each scored against the same held-out half:
 
