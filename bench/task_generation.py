@@ -76,18 +76,18 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         with Meter() as m_train:
             hist = model.train(train_config(profile), max_steps=profile.gen_steps, device=device)
         pin_threads()
+
+        def draw(seed):  # one cell per held-out cell, same labels
+            return model.simulate(held.obs[[LABEL]], steps=profile.gen_sample_steps, seed=seed, device=device)
+
         with Meter() as m_gen:
-            sim = model.simulate(held.obs[[LABEL]], steps=profile.gen_sample_steps, seed=profile.seed, device=device)
+            sim = draw(profile.seed)
         with Meter() as m_eval:
             report = run_evaluate(sim, held, baselines=["half_split"], out_dir=report_dir, plots=profile.plots,
                                   embedding=profile.embedding, **opts)
-        for k in range(1, profile.gen_sample_seeds):  # more draws of the same model: the sampling spread
-            again = model.simulate(held.obs[[LABEL]], steps=profile.gen_sample_steps, seed=profile.seed + k,
-                                   device=device)
-            rep = run_evaluate(again, held, baselines=[], plots=False, **opts)
-            for r in wide(rep, {"model": f"lingshu_seed{profile.seed + k}"}).to_dict("records"):
-                if r["method"].startswith("lingshu"):
-                    rows.append(base | r)
+        for seed in range(profile.seed + 1, profile.seed + profile.gen_sample_seeds):  # the sampling spread
+            rep = run_evaluate(draw(seed), held, baselines=[], plots=False, **opts)
+            rows += [base | r for r in wide(rep, {"model": f"lingshu_seed{seed}"}).to_dict("records")]
         cost = combine(m_train, m_gen) | {"train_s": m_train.wall_s, "sample_s": m_gen.wall_s,
                                           "steps": hist.get("step"),
                                           "params": sum(p.numel() for p in model.denoiser.parameters())}
