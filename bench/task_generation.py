@@ -40,12 +40,11 @@ LABEL = "cell_type"
 
 
 def fit_to_train(sim, train, seed: int) -> dict[str, float]:
-    """MMD and classifier AUC of simulated cells against the training cells (joint PCA of log CP10k)."""
-    from lingshu.metrics import align_genes, classifier_auc, joint_pca, log_cp10k, mmd
+    """MMD and classifier AUC of simulated cells against the training cells (the metrics of ``lingshu evaluate``)."""
+    from pbmc3k_generation import score
 
-    xr, xs, _ = align_genes(train, sim)
-    pr, ps = joint_pca(log_cp10k(xr), log_cp10k(xs), seed=seed)
-    return {"mmd_vs_train": mmd(pr, ps, seed=seed), "auc_vs_train": classifier_auc(pr, ps, seed=seed)}
+    r = score(train, sim, seed)
+    return {"mmd_vs_train": r["mmd"], "auc_vs_train": r["classifier_auc"]}
 
 
 def run(profile: Profile, out: Path) -> pd.DataFrame:
