@@ -102,8 +102,8 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         for seed in range(profile.seed + 1, profile.seed + profile.gen_sample_seeds):  # the sampling spread
             extra = draw(seed)
             rep = run_evaluate(extra, held, baselines=[], plots=False, **opts)
-            rows += [base | r | fit_to_train(extra, train, profile.seed)
-                     for r in wide(rep, {"model": f"lingshu_seed{seed}"}).to_dict("records")]
+            extra_fit = fit_to_train(extra, train, profile.seed)
+            rows += [base | r | extra_fit for r in wide(rep, {"model": f"lingshu_seed{seed}"}).to_dict("records")]
         cost = combine(m_train, m_gen) | {"train_s": m_train.wall_s, "sample_s": m_gen.wall_s,
                                           "steps": hist.get("step"),
                                           "params": sum(p.numel() for p in model.denoiser.parameters())}
