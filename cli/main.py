@@ -212,6 +212,11 @@ def simulate(
         help="What guidance is relative to: control (same context at the control; published), null, or "
              "composed (this context's control plus the perturbation's effect learned across all contexts: for "
              "context x perturbation pairs never seen in training).")] = "control",
+    neighbours: Annotated[int, typer.Option(
+        "--neighbours", metavar="K",
+        help="With --guidance-reference composed: take the perturbation's effect from the K contexts seen with it "
+             "whose control expression is most like each cell's own context, instead of from all contexts pooled "
+             "(0, the default).")] = 0,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
     prior: Annotated[list[str] | None, typer.Option(
@@ -270,6 +275,8 @@ def simulate(
         raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
     if guidance_reference not in GUIDANCE_REFERENCES:
         raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
+    if neighbours < 0 or (neighbours and guidance_reference != "composed"):
+        raise LingshuError(f"--neighbours {neighbours}: give K >= 1 together with --guidance-reference composed")
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
@@ -286,7 +293,7 @@ def simulate(
                       f"x {n_per_cell}", markup=False, highlight=False)
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
-                                    guidance_reference=guidance_reference,
+                                    guidance_reference=guidance_reference, neighbours=neighbours,
                                     steps=3 if steps is None else steps, seed=seed, device=device, progress=progress,
                                     prior=fixed or None, mask_fraction=mask_fraction, coupling=coupling)
     else:
@@ -295,8 +302,8 @@ def simulate(
         table = model.generation_table(n_cells, conditions or None, seed=seed)
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance,
-                                     guidance_reference=guidance_reference, seed=seed, device=device,
-                                     progress=progress, prior=fixed or None)
+                                     guidance_reference=guidance_reference, neighbours=neighbours, seed=seed,
+                                     device=device, progress=progress, prior=fixed or None)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)
 

@@ -21,8 +21,9 @@ from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
 from .library import LibrarySize, unique_rows
-from .sampler import COUPLINGS, sample_tokens, transport_tokens
-from .tokenizer import MASK_ID, CountTokenizer, token_frequencies
+from .neighbours import neighbour_pairs
+from .sampler import COUPLINGS, expected_values, sample_tokens, transport_tokens
+from .tokenizer import MASK_ID, CountTokenizer, token_frequencies, token_midpoints
 from .trainer import Trainer, resolve_device
 from .validation import check_labels, counts_matrix, require_obs_keys, require_unique_genes
 
@@ -286,6 +287,23 @@ class LingshuModel:
             c[:, cols] = 0
         return out
 
+    def _neighbour_pairs(self, cond: np.ndarray, ref: np.ndarray, free: tuple[np.ndarray, np.ndarray], k: int,
+                         dev: torch.device) -> tuple[np.ndarray, ...]:
+        """Composed guidance over the ``k`` nearest seen contexts (:mod:`lingshu.neighbours`)."""
+        ctx_cols = [self.vocab.keys.index(key) for key in self.context_keys]
+        pert_col = self.vocab.keys.index(self.perturbation_key)
+        control_id = self.vocab.labels[self.perturbation_key].index(self.control) + 1
+        values = torch.from_numpy(np.log1p(token_midpoints()))
+
+        def profiles(contexts: np.ndarray) -> np.ndarray:  # each context at the control, everything else null
+            rows = np.zeros((len(contexts), cond.shape[1]), dtype=np.int64)
+            rows[:, ctx_cols] = contexts
+            rows[:, pert_col] = control_id
+            return expected_values(self.denoiser, torch.from_numpy(rows), values, device=dev).numpy()
+
+        return neighbour_pairs(cond, ref, ctx_cols=ctx_cols, pert_col=pert_col, control_id=control_id,
+                               frequencies=self._freq, profiles=profiles, k=k, fallback=free)
+
     def _reference(self, cond: np.ndarray, reference: str) -> np.ndarray:
         if reference in ("control", "composed") and self.perturbation_key is not None:
             ref = cond.copy()
@@ -335,8 +353,8 @@ class LingshuModel:
                       guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
                       seed: int = 0, device: str = "auto", batch_size: int = 256,
                       prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
-                      mask_fraction: float = 1.0, coupling: str = "independent", progress: bool = False,
-                      chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
+                      mask_fraction: float = 1.0, coupling: str = "independent", neighbours: int = 0,
+                      progress: bool = False, chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
         """:meth:`simulate` in chunks of ``chunk_cells`` cells (same cells for the same seed and chunk size).
 
         Memory is ``O(chunk_cells x genes)`` whatever the number of cells (default 1,024
@@ -345,6 +363,9 @@ class LingshuModel:
         taken to be control cells of their context): each re-generated gene is carried from its
         observed value's quantile under the control to the same quantile under the target, in one
         pass (:func:`lingshu.sampler.transport_tokens`), instead of drawn afresh in ``steps`` steps.
+        ``neighbours=k`` (composed guidance only): the perturbation's effect is averaged over the
+        ``k`` contexts seen with it whose control profile is most like the target context's
+        (:mod:`lingshu.neighbours`) instead of taken from the context-free pair.
         """
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
@@ -359,19 +380,24 @@ class LingshuModel:
         composed = guidance_reference == "composed"
         if composed and self.perturbation_key is None:
             raise LingshuError("composed guidance needs a model trained with a perturbation key")
+        if int(neighbours) < 0 or (neighbours and not composed) or (neighbours and not self.context_keys):
+            raise LingshuError(f"neighbours must be 0, or >= 1 with composed guidance and a model with context keys; "
+                               f"got {neighbours} with guidance reference {guidance_reference!r}")
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
         source = self._reference(cond, "control") if quantile else None  # the extra columns (null state, the
         # start cells' library bins) are the same for the source
-        pooled = self._context_free(cond, ref) if composed else None
         dev = resolve_device(device)
         self.denoiser.to(dev)
+        pooled = self._context_free(cond, ref) if composed else None
+        if neighbours:
+            pooled = self._neighbour_pairs(cond, ref, pooled, int(neighbours), dev)
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
                 "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
-                "coupling": coupling, "prior_genes": sorted(prior) if prior else []}
+                "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
         for c, start in enumerate(range(0, len(cond), chunk_cells)):
             sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
@@ -461,6 +487,10 @@ class LingshuModel:
             Counterfactual mode: ``"independent"`` draws the re-generated genes afresh (default);
             ``"quantile"`` carries each from its observed value's quantile under the control to
             the same quantile under the perturbation, keeping the source cells' co-variation.
+        neighbours
+            With ``guidance_reference="composed"``: take the perturbation's effect from the ``k``
+            seen contexts most like each cell's own (0: the context-free effect; see
+            :mod:`lingshu.neighbours`).
         layer
             Where the input counts are (counterfactual mode).
 

@@ -23,6 +23,12 @@ contexts (condition dropout teaches the context-free conditionals), applied to t
 context's own control distribution; the combination's own conditional is not used.
 ``w = 0`` is the product of experts ``p(x | ctx, control) p(x | pert) / p(x | control)``.
 
+Neighbour composition (``neighbours = k``): the effect is instead the mean over the ``k`` seen
+contexts ``c_j`` most like the target one (by the model's control expression profiles,
+:func:`expected_values`) of ``log p(x | c_j, pert) - log p(x | c_j, control)``. The context-free
+pair mixes every context's cells, so a context whose perturbed cells are missing (a held-out
+cell type) pulls its own marker genes down through it; the neighbours' pairs do not.
+
 Quantile coupling (:func:`transport_tokens`, not in the paper), for counterfactuals from real
 cells: instead of drawing a re-generated gene afresh, its observed value is carried to the same
 quantile of the target distribution. With ``F`` the source conditional (the source cell's own
@@ -45,7 +51,8 @@ from .tokenizer import MASK_ID
 
 COUPLINGS = ("independent", "quantile")  # how a counterfactual's re-generated genes relate to the observed ones
 
-__all__ = ["COUPLINGS", "sample_tokens", "transport_tokens", "guided_log_probs", "composed_log_probs", "categorical_draw"]
+__all__ = ["COUPLINGS", "sample_tokens", "transport_tokens", "guided_log_probs", "composed_log_probs", "categorical_draw",
+           "expected_values"]
 
 
 def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None, w: float) -> torch.Tensor:
@@ -57,17 +64,20 @@ def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None,
     return lr + (w + 1.0) * (lc - lr)
 
 
-def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert: torch.Tensor, logits_base: torch.Tensor,
-                       w: float) -> torch.Tensor:
-    """Composed guidance in float64 (unnormalised): ``ctrl + (w + 1) * (pert - base)`` of log-softmaxes.
+def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert, logits_base, w: float) -> torch.Tensor:
+    """Composed guidance in float64 (unnormalised): ``ctrl + (w + 1) * mean_j(pert_j - base_j)`` of log-softmaxes.
 
-    ``logits_ctrl``: same context, control; ``logits_pert`` / ``logits_base``: context keys null,
-    the perturbation / the control.
+    ``logits_ctrl``: same context, control; ``logits_pert`` / ``logits_base``: the perturbation /
+    the control with context keys null (one tensor each), or one tensor per neighbour context
+    (sequences of equal length; the effects are averaged).
     """
     def lsm(z):
         return torch.log_softmax(z.double(), dim=-1)
 
-    return lsm(logits_ctrl) + (w + 1.0) * (lsm(logits_pert) - lsm(logits_base))
+    if isinstance(logits_pert, torch.Tensor):
+        logits_pert, logits_base = [logits_pert], [logits_base]
+    effect = sum(lsm(p) - lsm(b) for p, b in zip(logits_pert, logits_base, strict=True)) / len(logits_pert)
+    return lsm(logits_ctrl) + (w + 1.0) * effect
 
 
 def categorical_draw(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -113,9 +123,10 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
     def head(h, r, c):
         return denoiser.head_logits(denoiser.features_at(h, r, c), c).float()
 
-    if pooled is not None:  # composed: same context at control, context-free perturbation and control
-        h_ctrl, h_pert, h_base = denoiser.packed(torch.cat([x, x, x]), torch.cat([ref, *pooled])).split(b)
-        return lambda r, c: composed_log_probs(head(h_ctrl, r, c), head(h_pert, r, c), head(h_base, r, c), w)
+    if pooled is not None:  # composed: same context at control, then (perturbation, control) pairs
+        h_ctrl, *hs = denoiser.packed(torch.cat([x] * (len(pooled) + 1)), torch.cat([ref, *pooled])).split(b)
+        return lambda r, c: composed_log_probs(head(h_ctrl, r, c), [head(h, r, c) for h in hs[0::2]],
+                                               [head(h, r, c) for h in hs[1::2]], w)
     if ref is not None and w != 0:
         h_cond, h_ref = denoiser.packed(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
         return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
@@ -170,7 +181,7 @@ def _batches(denoiser, cfg: SampleConfig, device, ref, pooled, *tensors):
 
 @torch.no_grad()
 def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleConfig, *,
-                  ref: torch.Tensor | None = None, pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ref: torch.Tensor | None = None, pooled: tuple[torch.Tensor, ...] | None = None,
                   device: torch.device | str = "cpu", progress: bool = False,
                   autocast: bool = False) -> torch.Tensor:
     """Generate value tokens for every MASK position of ``init``.
@@ -192,8 +203,10 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
         ``(N, K)`` reference condition ids for guidance, or ``None``.
     pooled
         Composed guidance: ``(N, K)`` ids of the perturbation and of the control with every
-        context key null; ``ref`` is then the same context at control and ``cond`` is unused
-        (see the module docstring). ``None``: guidance relative to ``ref``.
+        context key null, or such pairs for several neighbour contexts, flattened
+        ``(pert_1, control_1, ..., pert_k, control_k)`` (their effects are averaged); ``ref`` is
+        then the same context at control and ``cond`` is unused (see the module docstring).
+        ``None``: guidance relative to ``ref``.
     device
         Where to run.
     progress
@@ -238,7 +251,7 @@ def _transport_at(log_probs, src_log_probs, observed, rows, cols, generator, chu
 @torch.no_grad()
 def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: torch.Tensor, observed: torch.Tensor,
                      cfg: SampleConfig, *, ref: torch.Tensor | None = None,
-                     pooled: tuple[torch.Tensor, torch.Tensor] | None = None, device: torch.device | str = "cpu",
+                     pooled: tuple[torch.Tensor, ...] | None = None, device: torch.device | str = "cpu",
                      progress: bool = False, autocast: bool = False) -> torch.Tensor:
     """Counterfactual tokens by quantile coupling (see the module docstring), in one denoiser pass.
 
@@ -281,3 +294,39 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: t
             out.append(x.cpu())
             bar.advance()
     return torch.cat(out) if out else init.clone()
+
+
+@torch.no_grad()
+def expected_values(denoiser, cond: torch.Tensor, values: torch.Tensor, *, device: torch.device | str = "cpu",
+                    batch_size: int = 16) -> torch.Tensor:
+    """Each gene's expected ``values[token]`` under the denoiser with every gene masked.
+
+    Parameters
+    ----------
+    denoiser
+        A trained :class:`lingshu.denoiser.Denoiser`.
+    cond
+        ``(N, K)`` condition ids.
+    values
+        ``(V,)`` a number per value token (``V`` = 281, no MASK; e.g. ``log1p`` of the count it
+        stands for).
+    device, batch_size
+        Where to run and how many conditions at once.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, G)`` float64 on the CPU: the model's mean expression profile of each condition.
+    """
+    denoiser.eval()
+    n_genes = denoiser.n_genes
+    vals = values.to(device=device, dtype=torch.float64)
+    out = torch.empty(cond.shape[0], n_genes, dtype=torch.float64)
+    cols = torch.arange(n_genes, device=device)
+    for start in range(0, cond.shape[0], batch_size):
+        c = cond[start:start + batch_size].to(device)
+        x = torch.full((c.shape[0], n_genes), MASK_ID, dtype=torch.long, device=device)
+        log_probs = _log_prob_fn(denoiser, x, c, None, 0.0, None)
+        for i in range(c.shape[0]):  # one condition at a time: (G, V) probabilities
+            out[start + i] = (torch.softmax(log_probs(torch.full_like(cols, i), cols), dim=-1) @ vals).cpu()
+    return out

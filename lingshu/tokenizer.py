@@ -27,7 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["CountTokenizer", "N_VALUE_TOKENS", "MASK_ID", "VOCAB_SIZE", "encode_values", "token_frequencies"]
+__all__ = ["CountTokenizer", "N_VALUE_TOKENS", "MASK_ID", "VOCAB_SIZE", "encode_values", "token_frequencies",
+           "token_midpoints"]
 
 N_VALUE_TOKENS = 281
 MASK_ID = 281
@@ -44,6 +45,11 @@ def _bin_bounds() -> tuple[np.ndarray, np.ndarray]:
 
 
 _LOWER, _WIDTH = _bin_bounds()
+
+
+def token_midpoints() -> np.ndarray:
+    """The count each value token stands for: itself below 100, a bin's middle above (float64, 281)."""
+    return _LOWER + np.maximum(_WIDTH - 1, 0) / 2.0
 
 
 def encode_values(counts: np.ndarray) -> np.ndarray:

@@ -18,6 +18,9 @@
 #'   perturbation's effect learned across all contexts, for a context and perturbation never
 #'   seen together in training (`guidance = 0` is then the product of the two, not plain
 #'   conditional sampling).
+#' @param neighbours With `guidance_reference = "composed"`: take the perturbation's effect from
+#'   the `neighbours` contexts seen with it whose control expression is most like each cell's
+#'   own context, instead of from all contexts pooled (`0`, the default).
 #' @param seed Random seed: same seed, same cells.
 #' @param steps Denoising steps.
 #' @param mask_fraction `NULL` (default) samples from the labels alone. A number in (0, 1]
@@ -54,8 +57,8 @@
 #' table(sim$cell_type, sim$condition)
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
-                             guidance_reference = c("control", "null", "composed"), seed = 0, steps = 3,
-                             mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
+                             guidance_reference = c("control", "null", "composed"), neighbours = 0, seed = 0,
+                             steps = 3, mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
                              prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
   guidance_reference <- match.arg(guidance_reference)
@@ -75,7 +78,8 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
                        model_genes = .chr(py$genes))
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
-    guidance_reference = guidance_reference, steps = .py_int(steps), seed = .py_int(seed),
+    guidance_reference = guidance_reference, neighbours = .py_int(neighbours), steps = .py_int(steps),
+    seed = .py_int(seed),
     mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), coupling = coupling,
     prior = prior,
     device = device, progress = FALSE

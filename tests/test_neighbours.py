@@ -1,0 +1,103 @@
+"""Composed guidance over neighbour contexts: which contexts stand in, and how their effects combine."""
+
+import numpy as np
+import pytest
+import torch
+
+from lingshu import LingshuError, LingshuModel
+from lingshu.neighbours import neighbour_pairs
+from lingshu.sampler import composed_log_probs, expected_values
+from tests.conftest import make_counts
+
+CTRL, STIM, OTHER = 1, 2, 3
+# rows: context id, perturbation id, cell count; context 3 was never seen stimulated, 5 never at all
+FREQ = [[1, CTRL, 10], [1, STIM, 10], [2, CTRL, 10], [2, STIM, 10], [3, CTRL, 10], [4, CTRL, 10], [4, STIM, 10],
+        [1, OTHER, 10]]
+PROFILES = {1: [0.0, 1.0, 3.0, 2.0], 2: [1.0, 2.0, 2.5, 3.5], 3: [1.0, 2.0, 3.0, 4.0], 4: [1.1, 2.0, 3.1, 3.9],
+            5: [4.0, 3.0, 2.0, 1.0]}
+
+
+def _profiles(contexts):
+    return np.array([PROFILES[int(c[0])] for c in contexts])
+
+
+def _pairs(cond, k):
+    cond = np.asarray(cond, dtype=np.int64)
+    ref = cond.copy()
+    ref[:, 1] = CTRL
+    free = (cond.copy(), ref.copy())
+    free[0][:, 0] = 0
+    free[1][:, 0] = 0
+    return neighbour_pairs(cond, ref, ctx_cols=[0], pert_col=1, control_id=CTRL, frequencies=FREQ,
+                           profiles=_profiles, k=k, fallback=free)
+
+
+def test_neighbours_are_the_most_similar_contexts_seen_with_the_perturbation_and_the_control():
+    # column 2 stands for an extra condition column (a library-size bin): carried over unchanged
+    pairs = _pairs([[3, STIM, 7], [3, STIM, 8]], k=2)
+    assert len(pairs) == 4
+    (p1, c1), (p2, c2) = pairs[:2], pairs[2:]
+    assert (p1[:, 0] == 4).all() and (c1[:, 0] == 4).all()  # 4 correlates best with 3 (3 itself was never stimulated)
+    assert (p2[:, 0] == 2).all() and (c2[:, 0] == 2).all()
+    assert (p1[:, 1] == STIM).all() and (c1[:, 1] == CTRL).all()
+    assert list(p1[:, 2]) == [7, 8] and list(c2[:, 2]) == [7, 8]
+
+
+def test_fewer_eligible_contexts_repeat_nearest_first_and_none_keeps_the_context_free_pair():
+    pairs = _pairs([[3, STIM, 0], [5, OTHER, 0], [2, 9, 0]], k=4)
+    contexts = [pairs[2 * j][0, 0] for j in range(4)]
+    assert contexts == [4, 2, 1, 4]  # three contexts saw STIM and the control: ranked, then repeated
+    assert all(pairs[2 * j][1, 0] == 1 for j in range(4))  # only context 1 saw OTHER
+    assert all(pairs[2 * j][2, 0] == 0 for j in range(4))  # nobody saw perturbation 9: context-free
+    assert all(pairs[2 * j][2, 1] == 9 and pairs[2 * j + 1][2, 1] == CTRL for j in range(4))
+
+
+def test_a_seen_combination_is_its_own_nearest_neighbour():
+    pairs = _pairs([[2, STIM, 0], [1, STIM, 0]], k=1)
+    assert list(pairs[0][:, 0]) == [2, 1] and list(pairs[1][:, 0]) == [2, 1]
+
+
+def test_composed_log_probs_average_the_neighbour_effects():
+    ctrl, p1, b1, p2, b2 = torch.randn(5, 4, 281)
+
+    def lsm(z):
+        return torch.log_softmax(z.double(), -1)
+
+    got = composed_log_probs(ctrl, [p1, p2], [b1, b2], 0.5)
+    want = lsm(ctrl) + 1.5 * ((lsm(p1) - lsm(b1)) + (lsm(p2) - lsm(b2))) / 2
+    assert torch.allclose(got, want)
+    assert torch.equal(composed_log_probs(ctrl, [p1], [b1], 0.5), composed_log_probs(ctrl, p1, b1, 0.5))
+
+
+def test_expected_values_are_the_mean_of_the_predicted_values():
+    m = LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition", control="control",
+                     preset="tiny")
+    m.train(max_steps=30, device="cpu")
+    cond = torch.tensor([[1, 1, 0], [2, 1, 0]])  # A and B at the control, library bin null
+    ones = expected_values(m.denoiser, cond, torch.ones(281, dtype=torch.float64))
+    assert ones.shape == (2, 60) and torch.allclose(ones, torch.ones_like(ones))
+    mean = expected_values(m.denoiser, cond, torch.arange(281, dtype=torch.float64))
+    assert (mean[1, :15].mean() > 1.5 * mean[0, :15].mean())  # type B raises genes 0-14 four-fold
+
+
+def test_predict_with_neighbours_takes_each_seen_context_s_own_effect():
+    m = LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition", control="control",
+                     preset="tiny")
+    src = make_counts(n_cells=6, seed=3)
+    seen = []
+    real_packed = m.denoiser.packed
+
+    def spy(xt, cond):
+        seen.append(cond.clone())
+        return real_packed(xt, cond)
+
+    m.denoiser.packed = spy
+    out = m.predict(src, ["stim"], steps=2, seed=0, guidance_scale=0.0, guidance_reference="composed", neighbours=1)
+    assert out.uns["lingshu"]["neighbours"] == 1
+    cond = [c for c in seen if len(c) == 3 * src.n_obs][0]  # (context at control, neighbour at stim, at control)
+    ctrl, pert1, base1 = cond.chunk(3)
+    stim_id = m.vocab.labels["condition"].index("stim") + 1
+    assert torch.equal(pert1[:, 0], ctrl[:, 0]) and torch.equal(base1[:, 0], ctrl[:, 0])  # A and B both seen
+    assert (pert1[:, 1] == stim_id).all() and torch.equal(base1[:, 1], ctrl[:, 1])
+    with pytest.raises(LingshuError, match="neighbours"):
+        m.predict(src, ["stim"], steps=1, guidance_reference="control", neighbours=2)
