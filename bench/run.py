@@ -89,6 +89,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "cell's genes")
     ap.add_argument("--coupling", choices=["independent", "quantile"], default=None,
                     help="Kang counterfactual start: re-generated genes drawn afresh, or carried by quantile")
+    ap.add_argument("--neighbours", type=int, default=None,
+                    help="Kang composed guidance: average the effect over this many nearest seen cell types "
+                         "(0: the context-free effect)")
     ap.add_argument("--no-peers", action="store_true", help="skip scVI / scGen-style peers")
     ap.add_argument("--no-plots", action="store_true", help="skip the lingshu evaluate plots")
     ap.add_argument("--no-probe-installs", action="store_true",
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
-                           kang_coupling=args.coupling,
+                           kang_coupling=args.coupling, kang_neighbours=args.neighbours,
                            gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)
