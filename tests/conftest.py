@@ -37,6 +37,19 @@ def make_counts(n_cells: int = 120, n_genes: int = 60, seed: int = 0) -> ad.AnnD
     return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
 
 
+
+def record_packed_conditions(model) -> list:
+    """Spy on ``model.denoiser.packed``: the returned list receives the condition ids of every pass."""
+    seen = []
+    real_packed = model.denoiser.packed
+
+    def spy(xt, cond):
+        seen.append(cond.clone())
+        return real_packed(xt, cond)
+
+    model.denoiser.packed = spy
+    return seen
+
 @pytest.fixture
 def counts_adata() -> ad.AnnData:
     return make_counts()

@@ -9,7 +9,7 @@ import torch
 
 from lingshu import LingshuError, LingshuModel
 from lingshu.config import preset
-from tests.conftest import make_counts
+from tests.conftest import make_counts, record_packed_conditions
 
 
 def _model(**kw):
@@ -49,14 +49,7 @@ def test_predict_keeps_context_and_source_cells():
 def test_composed_guidance_nulls_only_the_context_keys():
     m = _model()
     src = make_counts(n_cells=6, seed=3)
-    seen = []
-    real_packed = m.denoiser.packed
-
-    def spy(xt, cond):
-        seen.append(cond.clone())
-        return real_packed(xt, cond)
-
-    m.denoiser.packed = spy
+    seen = record_packed_conditions(m)
     out = m.predict(src, ["stim"], steps=2, seed=0, guidance_scale=1.0, guidance_reference="composed")
     assert out.n_obs == 6 and set(out.obs["condition"]) == {"stim"}
     cond = seen[0]  # one pass over (same context at control, context-free stim, context-free control)

@@ -7,7 +7,7 @@ import torch
 from lingshu import LingshuError, LingshuModel
 from lingshu.neighbours import neighbour_pairs
 from lingshu.sampler import composed_log_probs, expected_values
-from tests.conftest import make_counts
+from tests.conftest import make_counts, record_packed_conditions
 
 CTRL, STIM, OTHER = 1, 2, 3
 # rows: context id, perturbation id, cell count; context 3 was never seen stimulated, 5 never at all
@@ -15,6 +15,11 @@ FREQ = [[1, CTRL, 10], [1, STIM, 10], [2, CTRL, 10], [2, STIM, 10], [3, CTRL, 10
         [1, OTHER, 10]]
 PROFILES = {1: [0.0, 1.0, 3.0, 2.0], 2: [1.0, 2.0, 2.5, 3.5], 3: [1.0, 2.0, 3.0, 4.0], 4: [1.1, 2.0, 3.1, 3.9],
             5: [4.0, 3.0, 2.0, 1.0]}
+
+
+def _model():
+    return LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition", control="control",
+                        preset="tiny")
 
 
 def _profiles(contexts):
@@ -70,8 +75,7 @@ def test_composed_log_probs_average_the_neighbour_effects():
 
 
 def test_expected_values_are_the_mean_of_the_predicted_values():
-    m = LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition", control="control",
-                     preset="tiny")
+    m = _model()
     m.train(max_steps=30, device="cpu")
     cond = torch.tensor([[1, 1, 0], [2, 1, 0]])  # A and B at the control, library bin null
     ones = expected_values(m.denoiser, cond, torch.ones(281, dtype=torch.float64))
@@ -81,17 +85,9 @@ def test_expected_values_are_the_mean_of_the_predicted_values():
 
 
 def test_predict_with_neighbours_takes_each_seen_context_s_own_effect():
-    m = LingshuModel(make_counts(), context_keys=["cell_type"], perturbation_key="condition", control="control",
-                     preset="tiny")
+    m = _model()
     src = make_counts(n_cells=6, seed=3)
-    seen = []
-    real_packed = m.denoiser.packed
-
-    def spy(xt, cond):
-        seen.append(cond.clone())
-        return real_packed(xt, cond)
-
-    m.denoiser.packed = spy
+    seen = record_packed_conditions(m)
     out = m.predict(src, ["stim"], steps=2, seed=0, guidance_scale=0.0, guidance_reference="composed", neighbours=1)
     assert out.uns["lingshu"]["neighbours"] == 1
     cond = [c for c in seen if len(c) == 3 * src.n_obs][0]  # (context at control, neighbour at stim, at control)
