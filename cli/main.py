@@ -217,6 +217,11 @@ def simulate(
         help="With --guidance-reference composed: take the perturbation's effect from the K contexts seen with it "
              "whose control expression is most like each cell's own context, instead of from all contexts pooled "
              "(0, the default).")] = 0,
+    min_similarity: Annotated[float | None, typer.Option(
+        "--min-similarity", metavar="R",
+        help="With --neighbours: leave out neighbour contexts, other than the nearest, whose control expression "
+             "correlates with the cell's own context's below R (Pearson, -1..1); the rest fill the K slots in "
+             "turn, nearest first.")] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
     prior: Annotated[list[str] | None, typer.Option(
@@ -277,6 +282,9 @@ def simulate(
         raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
     if neighbours < 0 or (neighbours and guidance_reference != "composed"):
         raise LingshuError(f"--neighbours {neighbours}: give K >= 1 together with --guidance-reference composed")
+    if min_similarity is not None and (not neighbours or not -1 <= min_similarity <= 1):
+        raise LingshuError(f"--min-similarity {min_similarity}: give a correlation in [-1, 1] together with "
+                           "--neighbours K")
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
@@ -294,7 +302,8 @@ def simulate(
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
                                     guidance_reference=guidance_reference, neighbours=neighbours,
-                                    steps=3 if steps is None else steps, seed=seed, device=device, progress=progress,
+                                    min_similarity=min_similarity, steps=3 if steps is None else steps, seed=seed,
+                                    device=device, progress=progress,
                                     prior=fixed or None, mask_fraction=mask_fraction, coupling=coupling)
     else:
         _check_conditions(model, conditions)
@@ -302,7 +311,8 @@ def simulate(
         table = model.generation_table(n_cells, conditions or None, seed=seed)
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance,
-                                     guidance_reference=guidance_reference, neighbours=neighbours, seed=seed,
+                                     guidance_reference=guidance_reference, neighbours=neighbours,
+                                     min_similarity=min_similarity, seed=seed,
                                      device=device, progress=progress, prior=fixed or None)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)

@@ -288,7 +288,7 @@ class LingshuModel:
         return out
 
     def _neighbour_pairs(self, cond: np.ndarray, ref: np.ndarray, free: tuple[np.ndarray, np.ndarray], k: int,
-                         dev: torch.device) -> tuple[np.ndarray, ...]:
+                         min_similarity: float | None, dev: torch.device) -> tuple[np.ndarray, ...]:
         """Composed guidance over the ``k`` nearest seen contexts (:mod:`lingshu.neighbours`)."""
         ctx_cols = [self.vocab.keys.index(key) for key in self.context_keys]
         pert_col = self.vocab.keys.index(self.perturbation_key)
@@ -302,7 +302,8 @@ class LingshuModel:
             return expected_values(self.denoiser, torch.from_numpy(rows), values, device=dev).numpy()
 
         return neighbour_pairs(cond, ref, ctx_cols=ctx_cols, pert_col=pert_col, control_id=control_id,
-                               frequencies=self._freq, profiles=profiles, k=k, fallback=free)
+                               frequencies=self._freq, profiles=profiles, k=k, fallback=free,
+                               min_similarity=min_similarity)
 
     def _reference(self, cond: np.ndarray, reference: str) -> np.ndarray:
         if reference in ("control", "composed") and self.perturbation_key is not None:
@@ -354,7 +355,8 @@ class LingshuModel:
                       seed: int = 0, device: str = "auto", batch_size: int = 256,
                       prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
                       mask_fraction: float = 1.0, coupling: str = "independent", neighbours: int = 0,
-                      progress: bool = False, chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
+                      min_similarity: float | None = None, progress: bool = False,
+                      chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
         """:meth:`simulate` in chunks of ``chunk_cells`` cells (same cells for the same seed and chunk size).
 
         Memory is ``O(chunk_cells x genes)`` whatever the number of cells (default 1,024
@@ -365,7 +367,9 @@ class LingshuModel:
         pass (:func:`lingshu.sampler.transport_tokens`), instead of drawn afresh in ``steps`` steps.
         ``neighbours=k`` (composed guidance only): the perturbation's effect is averaged over the
         ``k`` contexts seen with it whose control profile is most like the target context's
-        (:mod:`lingshu.neighbours`) instead of taken from the context-free pair.
+        (:mod:`lingshu.neighbours`) instead of taken from the context-free pair; ``min_similarity``
+        leaves out the ones, other than the nearest, whose control profile correlates with the
+        target's below it (the rest fill the ``k`` slots in turn, nearest first).
         """
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
@@ -383,6 +387,9 @@ class LingshuModel:
         if int(neighbours) < 0 or (neighbours and not composed) or (neighbours and not self.context_keys):
             raise LingshuError(f"neighbours must be 0, or >= 1 with composed guidance and a model with context keys; "
                                f"got {neighbours} with guidance reference {guidance_reference!r}")
+        if min_similarity is not None and (not neighbours or not -1.0 <= float(min_similarity) <= 1.0):
+            raise LingshuError(f"min_similarity must be a correlation in [-1, 1] and needs neighbours >= 1; "
+                               f"got {min_similarity} with neighbours {neighbours}")
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
         source = self._reference(cond, "control") if quantile else None  # the extra columns (null state, the
@@ -391,13 +398,16 @@ class LingshuModel:
         self.denoiser.to(dev)
         pooled = self._context_free(cond, ref) if composed else None
         if neighbours:
-            pooled = self._neighbour_pairs(cond, ref, pooled, int(neighbours), dev)
+            pooled = self._neighbour_pairs(cond, ref, pooled, int(neighbours),
+                                           None if min_similarity is None else float(min_similarity), dev)
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
                 "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
                 "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
+        if min_similarity is not None:
+            meta["min_similarity"] = float(min_similarity)
         for c, start in enumerate(range(0, len(cond), chunk_cells)):
             sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
@@ -491,6 +501,9 @@ class LingshuModel:
             With ``guidance_reference="composed"``: take the perturbation's effect from the ``k``
             seen contexts most like each cell's own (0: the context-free effect; see
             :mod:`lingshu.neighbours`).
+        min_similarity
+            With ``neighbours``: leave out neighbour contexts, other than the nearest, whose
+            control profile correlates with the cell's context's below this (default: none).
         layer
             Where the input counts are (counterfactual mode).
 

@@ -6,7 +6,9 @@ distribution. By default the effect is the context-free pair ``log p(x | -, pert
 control)`` over the ``k`` contexts ``c`` seen in training with both the perturbation and the
 control whose control expression profile (the model's, :func:`lingshu.sampler.expected_values`)
 correlates best with the target context's. For a combination seen in training the context itself
-is its own nearest neighbour.
+is its own nearest neighbour. ``min_similarity = r`` leaves out the neighbours (other than the
+nearest) whose correlation is below ``r``; the remaining ones then fill the ``k`` slots in turn,
+nearest first, so with ``k = 3`` and two left the nearest counts twice.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def seen_contexts(frequencies: Sequence[Sequence[int]], ctx_cols: Sequence[int],
 
 def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int], pert_col: int, control_id: int,
                     frequencies: Sequence[Sequence[int]], profiles: Callable[[np.ndarray], np.ndarray], k: int,
-                    fallback: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+                    fallback: tuple[np.ndarray, np.ndarray], min_similarity: float | None = None) -> tuple[np.ndarray, ...]:
     """Condition ids of the ``k`` neighbour (perturbation, control) pairs of every row.
 
     Parameters
@@ -51,6 +53,9 @@ def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int
         Neighbours per row. A row with fewer eligible contexts repeats them, nearest first.
     fallback
         The context-free pair ``(pert, control)``, kept for rows with no eligible context.
+    min_similarity
+        Leave out eligible contexts, other than the nearest, whose profile correlates with the
+        target's below this (``None``: keep the ``k`` nearest whatever their similarity).
 
     Returns
     -------
@@ -73,6 +78,8 @@ def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int
         eligible = sorted(seen.get(pert, set()) & at_control, key=lambda c: (-corr[index[target], index[c]], c))
         if not eligible:
             continue
+        if min_similarity is not None:
+            eligible = eligible[:1] + [c for c in eligible[1:] if corr[index[target], index[c]] >= min_similarity]
         rows = np.flatnonzero((cond[:, ctx_cols] == np.array(target)).all(1) & (cond[:, pert_col] == pert))
         for j in range(k):
             c = np.array(eligible[j % len(eligible)])

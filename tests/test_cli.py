@@ -276,6 +276,9 @@ def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
                           "--guidance-reference", "ctrl"), "--guidance-reference", "control, null or composed")
     assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
                           "--neighbours", "2"), "--neighbours 2", "composed")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance-reference", "composed", "--min-similarity", "0.8"), "--min-similarity",
+                      "--neighbours")
     assert not out.exists()
 
 
@@ -288,10 +291,12 @@ def test_simulate_with_composed_guidance(tmp_path, model_dir, counts_h5ad):
     assert sim.uns["lingshu"]["guidance_reference"] == "composed" and set(sim.obs["condition"]) == {"stim"}
     near = tmp_path / "near.h5ad"
     result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", near,
-                 "--guidance-reference", "composed", "--neighbours", "1", "--steps", "2", "--device", "cpu", "--quiet")
+                 "--guidance-reference", "composed", "--neighbours", "1", "--min-similarity", "0.3", "--steps", "2",
+                 "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     sim_near = ad.read_h5ad(near)
     assert sim_near.uns["lingshu"]["neighbours"] == 1 and sim_near.n_obs == sim.n_obs
+    assert sim_near.uns["lingshu"]["min_similarity"] == 0.3
     assert (sim_near.X != sim.X).nnz > 0  # each cell type's own effect, not the pooled one: other cells
 
 

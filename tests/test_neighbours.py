@@ -26,7 +26,7 @@ def _profiles(contexts):
     return np.array([PROFILES[int(c[0])] for c in contexts])
 
 
-def _pairs(cond, k):
+def _pairs(cond, k, min_similarity=None):
     cond = np.asarray(cond, dtype=np.int64)
     ref = cond.copy()
     ref[:, 1] = CTRL
@@ -34,7 +34,7 @@ def _pairs(cond, k):
     free[0][:, 0] = 0
     free[1][:, 0] = 0
     return neighbour_pairs(cond, ref, ctx_cols=[0], pert_col=1, control_id=CTRL, frequencies=FREQ,
-                           profiles=_profiles, k=k, fallback=free)
+                           profiles=_profiles, k=k, fallback=free, min_similarity=min_similarity)
 
 
 def test_neighbours_are_the_most_similar_contexts_seen_with_the_perturbation_and_the_control():
@@ -55,6 +55,17 @@ def test_fewer_eligible_contexts_repeat_nearest_first_and_none_keeps_the_context
     assert all(pairs[2 * j][1, 0] == 1 for j in range(4))  # only context 1 saw OTHER
     assert all(pairs[2 * j][2, 0] == 0 for j in range(4))  # nobody saw perturbation 9: context-free
     assert all(pairs[2 * j][2, 1] == 9 and pairs[2 * j + 1][2, 1] == CTRL for j in range(4))
+
+
+def test_min_similarity_leaves_out_dissimilar_neighbours_but_never_the_nearest():
+    # context 3's profile correlates with 4's ~1.0, with 2's 0.99 and with 1's 0.80
+    kept = _pairs([[3, STIM, 0]], k=4, min_similarity=0.9)
+    assert [kept[2 * j][0, 0] for j in range(4)] == [4, 2, 4, 2]  # 1 left out; the two left take turns
+    only = _pairs([[3, STIM, 0]], k=3, min_similarity=1.0)  # nobody reaches 1.0: the nearest alone
+    assert [only[2 * j][0, 0] for j in range(3)] == [4, 4, 4]
+    loose = _pairs([[3, STIM, 0]], k=3, min_similarity=0.5)
+    assert [loose[2 * j][0, 0] for j in range(3)] == [4, 2, 1]  # the same as without a threshold
+    assert [p[0, 0] for p in loose] == [p[0, 0] for p in _pairs([[3, STIM, 0]], k=3)]
 
 
 def test_a_seen_combination_is_its_own_nearest_neighbour():
@@ -97,3 +108,10 @@ def test_predict_with_neighbours_takes_each_seen_context_s_own_effect():
     assert (pert1[:, 1] == stim_id).all() and torch.equal(base1[:, 1], ctrl[:, 1])
     with pytest.raises(LingshuError, match="neighbours"):
         m.predict(src, ["stim"], steps=1, guidance_reference="control", neighbours=2)
+    for bad in ({"min_similarity": 0.8}, {"neighbours": 2, "min_similarity": 1.5}):
+        with pytest.raises(LingshuError, match="min_similarity"):
+            m.predict(src, ["stim"], steps=1, guidance_reference="composed", **bad)
+    out = m.predict(src, ["stim"], steps=1, seed=0, guidance_scale=0.0, guidance_reference="composed", neighbours=2,
+                    min_similarity=0.5)
+    assert out.uns["lingshu"]["min_similarity"] == 0.5 and "min_similarity" not in m.predict(
+        src, ["stim"], steps=1, guidance_reference="composed", neighbours=2).uns["lingshu"]

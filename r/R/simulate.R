@@ -21,6 +21,10 @@
 #' @param neighbours With `guidance_reference = "composed"`: take the perturbation's effect from
 #'   the `neighbours` contexts seen with it whose control expression is most like each cell's
 #'   own context, instead of from all contexts pooled (`0`, the default).
+#' @param min_similarity With `neighbours`: leave out neighbour contexts, other than the nearest,
+#'   whose control expression correlates with the cell's own context's below this (a Pearson
+#'   correlation); the rest fill the `neighbours` slots in turn, nearest first. `NULL`
+#'   (default): the nearest `neighbours` whatever their similarity.
 #' @param seed Random seed: same seed, same cells.
 #' @param steps Denoising steps.
 #' @param mask_fraction `NULL` (default) samples from the labels alone. A number in (0, 1]
@@ -57,7 +61,8 @@
 #' table(sim$cell_type, sim$condition)
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
-                             guidance_reference = c("control", "null", "composed"), neighbours = 0, seed = 0,
+                             guidance_reference = c("control", "null", "composed"), neighbours = 0,
+                             min_similarity = NULL, seed = 0,
                              steps = 3, mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
                              prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
@@ -78,7 +83,8 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
                        model_genes = .chr(py$genes))
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
-    guidance_reference = guidance_reference, neighbours = .py_int(neighbours), steps = .py_int(steps),
+    guidance_reference = guidance_reference, neighbours = .py_int(neighbours),
+    min_similarity = if (is.null(min_similarity)) NULL else as.numeric(min_similarity), steps = .py_int(steps),
     seed = .py_int(seed),
     mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), coupling = coupling,
     prior = prior,

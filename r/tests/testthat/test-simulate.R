@@ -38,8 +38,10 @@ test_that("composed guidance reaches Python and is recorded; a misspelt referenc
   expect_equal(ncol(sim), 10)
   expect_equal(SeuratObject::Misc(sim, "lingshu")$guidance_reference, "composed")
   near <- lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance = 0,
-                           guidance_reference = "composed", neighbours = 1, steps = 2, device = "cpu")
+                           guidance_reference = "composed", neighbours = 1, min_similarity = 0.3, steps = 2,
+                           device = "cpu")
   expect_equal(SeuratObject::Misc(near, "lingshu")$neighbours, 1L)
+  expect_equal(SeuratObject::Misc(near, "lingshu")$min_similarity, 0.3)
   expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), neighbours = 1),
                "neighbours")
   expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_reference = "ctrl"),
