@@ -280,6 +280,8 @@ def _profile_text(p: dict) -> str:
              + (f" relative to `{p['kang_guidance_reference']}`"
                 if p.get("kang_guidance_reference", "control") != "control" else "")
              + (f" over the {p['kang_neighbours']} nearest seen cell types" if p.get("kang_neighbours") else "")
+             + (f" correlating >= {p['kang_min_similarity']} (the nearest always)"
+                if p.get("kang_neighbours") and p.get("kang_min_similarity") is not None else "")
              + (f", {p['kang_n_per_cell']} cells per control cell" if (p.get("kang_n_per_cell") or 1) > 1 else ""),
              f"generation sampling {p.get('gen_sample_steps')} steps, {p.get('gen_sample_seeds', 1)} seed(s)",
              f"genes: top {p['max_genes']} HVGs picked on the training cells" if p.get("max_genes") else "all genes",

@@ -72,7 +72,8 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
                                  n_per_cell=profile.kang_n_per_cell,
                                  guidance_reference=profile.kang_guidance_reference,
                                  mask_fraction=profile.kang_mask_fraction, coupling=profile.kang_coupling,
-                                 neighbours=profile.kang_neighbours, seed=profile.seed, device=device)
+                                 neighbours=profile.kang_neighbours, min_similarity=profile.kang_min_similarity,
+                                 seed=profile.seed, device=device)
         with Meter() as m_eval:
             report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
                                   train=train, baselines=["control", "pert_mean", "additive", "half_split"],
