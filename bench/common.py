@@ -86,6 +86,8 @@ class Profile:
     kang_coupling: str = "independent"  # counterfactual start: re-generated genes drawn afresh, or "quantile"
     kang_neighbours: int = 0  # composed guidance: the effect of the k most similar seen cell types; 0 = all pooled
     kang_min_similarity: float | None = None  # neighbours: leave out those (bar the nearest) correlating below this
+    kang_draws: int = 1  # Kang: evaluations with seeds seed .. seed+n-1 (Lingshu's sampling, the baselines'
+    # rounding, the half split and the equal-count subsample); Task 1 is judged on every method's mean
     papalexi_target_prior: int | None = None  # prior injection: the target gene fixed at this count; None = off
     gen_sample_steps: int = 32
     gen_sample_seeds: int = 3  # generation: Lingshu sampled with seeds seed .. seed+n-1; Task 3 judged on the mean
@@ -191,7 +193,7 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=1.0, kang_coupling="quantile", kang_guidance=0.0,
                     kang_guidance_reference="composed", kang_n_per_cell=1, kang_neighbours=3,
-                    kang_min_similarity=0.8,
+                    kang_min_similarity=0.8, kang_draws=3,
                     papalexi_steps=750, papalexi_target_prior=0, gen_steps=480, loss_genes=256,
                     gen_sample_steps=8, gen_cell_states=32, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,

@@ -76,6 +76,29 @@ def _plots(report_dirs: list[str], md: Path, limit: int = 2) -> list[str]:
 
 
 # ------------------------------------------------------------------ tasks
+def _over_draws(df: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Every method's metrics averaged over the evaluation draws (column ``draw``), and a text and
+    table of Lingshu's spread; the other columns are the first draw's. One draw: unchanged."""
+    draw = df["draw"].fillna(0).astype(int) if "draw" in df.columns else pd.Series(0, index=df.index)
+    n = int(draw.max()) + 1 if len(draw) else 1
+    if n == 1:
+        return df, []
+    mean = df.groupby(["holdout", "method"])[metrics].mean()
+    first = df[draw == 0].set_index(["holdout", "method"])
+    first.loc[:, metrics] = mean.reindex(first.index)
+    own = df[df["method"] == "lingshu"].assign(_d=draw)
+    rows = []
+    for h, g in own.sort_values("_d").groupby("holdout"):
+        rows.append({"holdout": h, **{f"{c} per draw": " / ".join(_f(v) for v in g[c])
+                                      for c in (TOP, "energy_distance")},
+                     **{f"{c} sd": g[c].std(ddof=0) for c in (TOP, "energy_distance")}})
+    text = [f"Every method's scores are **means over {n} draws** with seeds seed .. seed+{n - 1}: Lingshu's "
+            "sampling seed, and for every method the evaluation's seed (the baselines' stochastic rounding, the "
+            "half split and the equal-count subsample); the targets are judged on these means, the report and "
+            "plots are the first draw's. Lingshu per draw (sd ddof 0):", ""]
+    return first.reset_index(), text + _table(pd.DataFrame(rows), list(rows[0])) + [""]
+
+
 def kang_section(df: pd.DataFrame, md: Path) -> tuple[list[str], list[str]]:
     lines = ["## Task 1: novel cell type x IFN-beta (Kang 2018)", "",
              "Held out: the stimulated cells of one cell type at a time; predicted from that type's control "
@@ -84,6 +107,9 @@ def kang_section(df: pd.DataFrame, md: Path) -> tuple[list[str], list[str]]:
     cols = ["holdout", "method", "pearson_delta", TOP, "des", "mae", "energy_distance", "mmd", "classifier_auc",
             "wall_s", "peak_rss_mb"]
     order = {m: i for i, m in enumerate(["lingshu", "scgen_scvi", "state", *PERT_BASELINES, "half_split"])}
+    df, spread = _over_draws(df, [c for c in cols[2:-2] if c in df.columns])
+    if spread:
+        lines += spread
     df = df.assign(_o=df["method"].map(lambda m: order.get(m, 99))).sort_values(["holdout", "_o"])
     lines += _table(df, cols) + [""]
     mean = df.groupby("method", sort=False)[[c for c in cols[2:] if c in df.columns]].mean().reset_index()
@@ -282,7 +308,8 @@ def _profile_text(p: dict) -> str:
              + (f" over the {p['kang_neighbours']} nearest seen cell types" if p.get("kang_neighbours") else "")
              + (f" correlating >= {p['kang_min_similarity']} (the nearest always)"
                 if p.get("kang_neighbours") and p.get("kang_min_similarity") is not None else "")
-             + (f", {p['kang_n_per_cell']} cells per control cell" if (p.get("kang_n_per_cell") or 1) > 1 else ""),
+             + (f", {p['kang_n_per_cell']} cells per control cell" if (p.get("kang_n_per_cell") or 1) > 1 else "")
+             + (f", {p['kang_draws']} draws" if (p.get("kang_draws") or 1) > 1 else ""),
              f"generation sampling {p.get('gen_sample_steps')} steps, {p.get('gen_sample_seeds', 1)} seed(s)",
              f"genes: top {p['max_genes']} HVGs picked on the training cells" if p.get("max_genes") else "all genes",
              f"generation data sets subsampled to <= {p['gen_max_cells']} cells" if p.get("gen_max_cells")
@@ -368,6 +395,8 @@ def write(out: Path, md: Path) -> str:
     for task, df in frames.items():
         if df is not None and "wall_s" in df.columns:
             d = df[df["method"].isin(["lingshu", "scgen_scvi", "scvi", "state"])]
+            if "draw" in d.columns:  # Kang's later draws re-use the first draw's trained model
+                d = d[d["draw"].fillna(0) == 0]
             ok_cost.append(bool(d["wall_s"].notna().all() and d["peak_rss_mb"].notna().all()))
     targets.append(f"{_verdict(all(ok_cost) if ok_cost else None)}: Speed: every trained model reports wall time "
                    "and peak memory")

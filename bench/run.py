@@ -78,6 +78,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="generation: override the number of cell states the model conditions on (0: off)")
     ap.add_argument("--sample-seeds", type=int, default=None,
                     help="generation: sampling seeds per trained model (default 3; Task 3 targets use the mean)")
+    ap.add_argument("--kang-draws", type=int, default=None,
+                    help="Kang: prediction + evaluation draws per held-out type with seeds seed, seed+1, ... "
+                         "(--quick: 3; Task 1 targets use every method's mean)")
     ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
     ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
     ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample_seeds is not None and args.sample_seeds < 1:
         print(f"error: --sample-seeds must be >= 1, got {args.sample_seeds}", file=sys.stderr)
         return 2
+    if args.kang_draws is not None and args.kang_draws < 1:
+        print(f"error: --kang-draws must be >= 1, got {args.kang_draws}", file=sys.stderr)
+        return 2
     if args.loss_genes is not None and args.loss_genes < 0:
         print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
         return 2
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
                            kang_coupling=args.coupling, kang_neighbours=args.neighbours,
-                           kang_min_similarity=args.min_similarity,
+                           kang_min_similarity=args.min_similarity, kang_draws=args.kang_draws,
                            gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)

@@ -5,7 +5,10 @@ For each held-out cell type T: train on every cell except T's stimulated cells (
 state from T's control cells (``LingshuModel.predict``), and score with ``lingshu evaluate``
 against T's real stimulated cells (controls: T's control cells), beside the ``control``,
 ``pert_mean`` and ``additive`` baselines (learned from the training cells only) and the
-``half_split`` ceiling, plus the scGen-style peer in scVI's latent space.
+``half_split`` ceiling, plus the scGen-style peer in scVI's latent space. With ``kang_draws = n``
+the prediction and the evaluation are repeated with seeds ``seed .. seed + n - 1`` (Lingshu's
+sampling, the baselines' stochastic rounding, the half split and the equal-count subsample all
+re-drawn; column ``draw``); the report and plots are the first draw's.
 
     python bench/task_kang.py --quick   # or via bench/run.py
 """
@@ -65,29 +68,31 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         pin_threads()
         with Meter() as m_train:
             hist = model.train(train_config(profile), max_steps=profile.kang_steps, device=device)
-        pin_threads()
-        with Meter() as m_pred:
-            guidance = profile.guidance_scale if profile.kang_guidance is None else profile.kang_guidance
-            pred = model.predict(source, [STIM], guidance_scale=guidance, steps=profile.predict_steps,
-                                 n_per_cell=profile.kang_n_per_cell,
-                                 guidance_reference=profile.kang_guidance_reference,
-                                 mask_fraction=profile.kang_mask_fraction, coupling=profile.kang_coupling,
-                                 neighbours=profile.kang_neighbours, min_similarity=profile.kang_min_similarity,
-                                 seed=profile.seed, device=device)
-        with Meter() as m_eval:
-            report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
-                                  train=train, baselines=["control", "pert_mean", "additive", "half_split"],
-                                  distribution="pooled", out_dir=report_dir, plots=profile.plots,
-                                  embedding=profile.embedding, seed=profile.seed)
-        table = wide(report, {"model": "lingshu"})
-        cost = combine(m_train, m_pred)
+        guidance = profile.guidance_scale if profile.kang_guidance is None else profile.kang_guidance
         n_params = sum(p.numel() for p in model.denoiser.parameters())
-        for r in table.to_dict("records"):
-            extra = {"eval_s": m_eval.wall_s, "report": str(report_dir)}
-            if r["method"] == "lingshu":
-                extra |= {"train_s": m_train.wall_s, "sample_s": m_pred.wall_s, **cost, "steps": hist.get("step"),
-                          "params": n_params}
-            rows.append(base | r | extra)
+        for draw in range(max(1, profile.kang_draws)):  # draw 0 writes the report and plots
+            seed = profile.seed + draw
+            pin_threads()
+            with Meter() as m_pred:
+                pred = model.predict(source, [STIM], guidance_scale=guidance, steps=profile.predict_steps,
+                                     n_per_cell=profile.kang_n_per_cell,
+                                     guidance_reference=profile.kang_guidance_reference,
+                                     mask_fraction=profile.kang_mask_fraction, coupling=profile.kang_coupling,
+                                     neighbours=profile.kang_neighbours, min_similarity=profile.kang_min_similarity,
+                                     seed=seed, device=device)
+            with Meter() as m_eval:
+                report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,
+                                      train=train, baselines=["control", "pert_mean", "additive", "half_split"],
+                                      distribution="pooled", out_dir=report_dir if draw == 0 else None,
+                                      plots=profile.plots and draw == 0, embedding=profile.embedding, seed=seed)
+            for r in wide(report, {"model": "lingshu"}).to_dict("records"):
+                extra = {"draw": draw, "eval_s": m_eval.wall_s, "report": str(report_dir) if draw == 0 else None}
+                if r["method"] == "lingshu":
+                    extra["sample_s"] = m_pred.wall_s
+                    if draw == 0:  # the trained model's cost: training + the first prediction
+                        extra |= {"train_s": m_train.wall_s, **combine(m_train, m_pred), "steps": hist.get("step"),
+                                  "params": n_params}
+                rows.append(base | r | extra)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
