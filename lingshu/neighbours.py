@@ -35,7 +35,8 @@ def seen_contexts(frequencies: Sequence[Sequence[int]], ctx_cols: Sequence[int],
 
 def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int], pert_col: int, control_id: int,
                     frequencies: Sequence[Sequence[int]], profiles: Callable[[np.ndarray], np.ndarray], k: int,
-                    fallback: tuple[np.ndarray, np.ndarray], min_similarity: float | None = None) -> tuple[np.ndarray, ...]:
+                    fallback: tuple[np.ndarray, np.ndarray],
+                    min_similarity: float | None = None) -> tuple[np.ndarray, ...]:
     """Condition ids of the ``k`` neighbour (perturbation, control) pairs of every row.
 
     Parameters
