@@ -96,7 +96,7 @@ def _over_draws(df: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, lis
             "sampling seed, and for every method the evaluation's seed (the baselines' stochastic rounding, the "
             "half split and the equal-count subsample); the targets are judged on these means, the report and "
             "plots are the first draw's. Lingshu per draw (sd ddof 0):", ""]
-    return first.reset_index(), text + _table(pd.DataFrame(rows), list(rows[0])) + [""]
+    return first.reset_index(), text + (_table(pd.DataFrame(rows), list(rows[0])) if rows else ["(no Lingshu rows)"]) + [""]
 
 
 def kang_section(df: pd.DataFrame, md: Path) -> tuple[list[str], list[str]]:
@@ -108,8 +108,7 @@ def kang_section(df: pd.DataFrame, md: Path) -> tuple[list[str], list[str]]:
             "wall_s", "peak_rss_mb"]
     order = {m: i for i, m in enumerate(["lingshu", "scgen_scvi", "state", *PERT_BASELINES, "half_split"])}
     df, spread = _over_draws(df, [c for c in cols[2:-2] if c in df.columns])
-    if spread:
-        lines += spread
+    lines += spread
     df = df.assign(_o=df["method"].map(lambda m: order.get(m, 99))).sort_values(["holdout", "_o"])
     lines += _table(df, cols) + [""]
     mean = df.groupby("method", sort=False)[[c for c in cols[2:] if c in df.columns]].mean().reset_index()
