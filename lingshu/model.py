@@ -287,12 +287,16 @@ class LingshuModel:
             c[:, cols] = 0
         return out
 
-    def _neighbour_pairs(self, cond: np.ndarray, ref: np.ndarray, free: tuple[np.ndarray, np.ndarray], k: int,
+    def _control_id(self) -> int:
+        """The control's condition id under the perturbation key (0 is null)."""
+        return self.vocab.labels[self.perturbation_key].index(self.control) + 1
+
+    def _neighbour_pairs(self, cond: np.ndarray, free: tuple[np.ndarray, np.ndarray], k: int,
                          min_similarity: float | None, dev: torch.device) -> tuple[np.ndarray, ...]:
         """Composed guidance over the ``k`` nearest seen contexts (:mod:`lingshu.neighbours`)."""
         ctx_cols = [self.vocab.keys.index(key) for key in self.context_keys]
         pert_col = self.vocab.keys.index(self.perturbation_key)
-        control_id = self.vocab.labels[self.perturbation_key].index(self.control) + 1
+        control_id = self._control_id()
         values = torch.from_numpy(np.log1p(token_midpoints()))
 
         def profiles(contexts: np.ndarray) -> np.ndarray:  # each context at the control, everything else null
@@ -301,7 +305,7 @@ class LingshuModel:
             rows[:, pert_col] = control_id
             return expected_values(self.denoiser, torch.from_numpy(rows), values, device=dev).numpy()
 
-        return neighbour_pairs(cond, ref, ctx_cols=ctx_cols, pert_col=pert_col, control_id=control_id,
+        return neighbour_pairs(cond, ctx_cols=ctx_cols, pert_col=pert_col, control_id=control_id,
                                frequencies=self._freq, profiles=profiles, k=k, fallback=free,
                                min_similarity=min_similarity)
 
@@ -309,7 +313,7 @@ class LingshuModel:
         if reference in ("control", "composed") and self.perturbation_key is not None:
             ref = cond.copy()
             j = self.vocab.keys.index(self.perturbation_key)
-            ref[:, j] = self.vocab.labels[self.perturbation_key].index(self.control) + 1
+            ref[:, j] = self._control_id()
             return ref
         return np.zeros_like(cond)
 
@@ -390,6 +394,7 @@ class LingshuModel:
         if min_similarity is not None and (not neighbours or not -1.0 <= float(min_similarity) <= 1.0):
             raise LingshuError(f"min_similarity must be a correlation in [-1, 1] and needs neighbours >= 1; "
                                f"got {min_similarity} with neighbours {neighbours}")
+        min_similarity = None if min_similarity is None else float(min_similarity)
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
         source = self._reference(cond, "control") if quantile else None  # the extra columns (null state, the
@@ -398,8 +403,7 @@ class LingshuModel:
         self.denoiser.to(dev)
         pooled = self._context_free(cond, ref) if composed else None
         if neighbours:
-            pooled = self._neighbour_pairs(cond, ref, pooled, int(neighbours),
-                                           None if min_similarity is None else float(min_similarity), dev)
+            pooled = self._neighbour_pairs(cond, pooled, int(neighbours), min_similarity, dev)
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
@@ -407,7 +411,7 @@ class LingshuModel:
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
                 "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
         if min_similarity is not None:
-            meta["min_similarity"] = float(min_similarity)
+            meta["min_similarity"] = min_similarity
         for c, start in enumerate(range(0, len(cond), chunk_cells)):
             sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)

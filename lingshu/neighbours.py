@@ -33,7 +33,7 @@ def seen_contexts(frequencies: Sequence[Sequence[int]], ctx_cols: Sequence[int],
     return seen
 
 
-def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int], pert_col: int, control_id: int,
+def neighbour_pairs(cond: np.ndarray, *, ctx_cols: Sequence[int], pert_col: int, control_id: int,
                     frequencies: Sequence[Sequence[int]], profiles: Callable[[np.ndarray], np.ndarray], k: int,
                     fallback: tuple[np.ndarray, np.ndarray],
                     min_similarity: float | None = None) -> tuple[np.ndarray, ...]:
@@ -41,9 +41,9 @@ def neighbour_pairs(cond: np.ndarray, ref: np.ndarray, *, ctx_cols: Sequence[int
 
     Parameters
     ----------
-    cond, ref
-        ``(N, K)`` target condition ids and the same at the control (extra columns such as
-        library-size bins are carried over unchanged).
+    cond
+        ``(N, K)`` target condition ids (extra columns such as library-size bins are carried over
+        unchanged from ``fallback``).
     ctx_cols, pert_col, control_id
         Columns of the context keys and of the perturbation key, and the control's id.
     frequencies

@@ -33,7 +33,7 @@ def _pairs(cond, k, min_similarity=None):
     free = (cond.copy(), ref.copy())
     free[0][:, 0] = 0
     free[1][:, 0] = 0
-    return neighbour_pairs(cond, ref, ctx_cols=[0], pert_col=1, control_id=CTRL, frequencies=FREQ,
+    return neighbour_pairs(cond, ctx_cols=[0], pert_col=1, control_id=CTRL, frequencies=FREQ,
                            profiles=_profiles, k=k, fallback=free, min_similarity=min_similarity)
 
 
