@@ -86,6 +86,7 @@ class Profile:
     kang_coupling: str = "independent"  # counterfactual start: re-generated genes drawn afresh, or "quantile"
     kang_neighbours: int = 0  # composed guidance: the effect of the k most similar seen cell types; 0 = all pooled
     kang_min_similarity: float | None = None  # neighbours: leave out those (bar the nearest) correlating below this
+    kang_global_weight: float | None = None  # neighbours: share of the context-free (all types pooled) effect
     kang_draws: int = 1  # Kang: evaluations with seeds seed .. seed+n-1 (Lingshu's sampling, the baselines'
     # rounding, the half split and the equal-count subsample); Task 1 is judged on every method's mean
     papalexi_target_prior: int | None = None  # prior injection: the target gene fixed at this count; None = off
@@ -189,11 +190,14 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # calls (the lymphocytes). Session 15, same four types and seeds: neighbours correlating with the held-out
         # type below 0.8 left out (min_similarity=0.8; only FCGR3A+Mono's third, B at 0.77, goes, and its 2
         # neighbours then fill the 3 slots, CD14+Mono twice): FCGR3A+Mono 3.05 -> 1.38 (0.925 -> 0.963), the
-        # other three unchanged. See bench/model_changes.md.
+        # other three unchanged. Session 16, same four types and seeds: the context-free effect mixed in with
+        # weight 0.25 (global_weight; the smallest tried): energy distance NK 1.66 -> 1.69, CD8T 1.35 -> 1.35,
+        # FCGR3A+Mono 1.38 -> 1.33, Dendritic 2.06 -> 1.85, all four still beat every baseline (0.4 gains the
+        # myeloid types more and leaves NK 0.02 ahead of pert_mean). See bench/model_changes.md.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=1.0, kang_coupling="quantile", kang_guidance=0.0,
                     kang_guidance_reference="composed", kang_n_per_cell=1, kang_neighbours=3,
-                    kang_min_similarity=0.8, kang_draws=3,
+                    kang_min_similarity=0.8, kang_global_weight=0.25, kang_draws=3,
                     papalexi_steps=750, papalexi_target_prior=0, gen_steps=480, loss_genes=256,
                     gen_sample_steps=8, gen_cell_states=32, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_folds=1,

@@ -307,6 +307,8 @@ def _profile_text(p: dict) -> str:
              + (f" over the {p['kang_neighbours']} nearest seen cell types" if p.get("kang_neighbours") else "")
              + (f" correlating >= {p['kang_min_similarity']} (the nearest always)"
                 if p.get("kang_neighbours") and p.get("kang_min_similarity") is not None else "")
+             + (f", {p['kang_global_weight']} x the pooled effect mixed in"
+                if p.get("kang_neighbours") and p.get("kang_global_weight") else "")
              + (f", {p['kang_n_per_cell']} cells per control cell" if (p.get("kang_n_per_cell") or 1) > 1 else "")
              + (f", {p['kang_draws']} draws" if (p.get("kang_draws") or 1) > 1 else ""),
              f"generation sampling {p.get('gen_sample_steps')} steps, {p.get('gen_sample_seeds', 1)} seed(s)",

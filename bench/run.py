@@ -98,6 +98,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--min-similarity", type=float, default=None,
                     help="Kang neighbours: leave out those, other than the nearest, whose control profile "
                          "correlates with the held-out type's below this (-1: keep them all)")
+    ap.add_argument("--global-weight", type=float, default=None,
+                    help="Kang neighbours: share of the context-free (all cell types pooled) effect in the "
+                         "effect used (0: the neighbours alone)")
     ap.add_argument("--no-peers", action="store_true", help="skip scVI / scGen-style peers")
     ap.add_argument("--no-plots", action="store_true", help="skip the lingshu evaluate plots")
     ap.add_argument("--no-probe-installs", action="store_true",
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
                            kang_coupling=args.coupling, kang_neighbours=args.neighbours,
-                           kang_min_similarity=args.min_similarity, kang_draws=args.kang_draws,
+                           kang_min_similarity=args.min_similarity, kang_global_weight=args.global_weight,
+                           kang_draws=args.kang_draws,
                            gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)

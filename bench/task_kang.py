@@ -79,6 +79,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
                                      guidance_reference=profile.kang_guidance_reference,
                                      mask_fraction=profile.kang_mask_fraction, coupling=profile.kang_coupling,
                                      neighbours=profile.kang_neighbours, min_similarity=profile.kang_min_similarity,
+                                     global_weight=profile.kang_global_weight,
                                      seed=seed, device=device)
             with Meter() as m_eval:
                 report = run_evaluate(pred, real, perturbation_key=PERT, control_label=CONTROL, context_key=CTX,

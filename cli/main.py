@@ -222,6 +222,10 @@ def simulate(
         help="With --neighbours: leave out neighbour contexts, other than the nearest, whose control expression "
              "correlates with the cell's own context's below R (Pearson, -1..1); the rest fill the K slots in "
              "turn, nearest first.")] = None,
+    global_weight: Annotated[float | None, typer.Option(
+        "--global-weight", metavar="G",
+        help="With --neighbours: mix the effect learned across all contexts pooled into the neighbours' mean "
+             "effect, (1 - G) x neighbours + G x pooled (0..1).")] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Denoising steps (default 3 with --in, 32 otherwise).")] = None,
     prior: Annotated[list[str] | None, typer.Option(
@@ -285,6 +289,8 @@ def simulate(
     if min_similarity is not None and (not neighbours or not -1 <= min_similarity <= 1):
         raise LingshuError(f"--min-similarity {min_similarity}: give a correlation in [-1, 1] together with "
                            "--neighbours K")
+    if global_weight is not None and (not neighbours or not 0 <= global_weight <= 1):
+        raise LingshuError(f"--global-weight {global_weight}: give a weight in [0, 1] together with --neighbours K")
     check_output_path(out, overwrite=overwrite)
     device = resolve_device(device)
     model = LingshuModel.load(model_dir)
@@ -302,7 +308,8 @@ def simulate(
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
                                     guidance_reference=guidance_reference, neighbours=neighbours,
-                                    min_similarity=min_similarity, steps=3 if steps is None else steps, seed=seed,
+                                    min_similarity=min_similarity, global_weight=global_weight,
+                                    steps=3 if steps is None else steps, seed=seed,
                                     device=device, progress=progress,
                                     prior=fixed or None, mask_fraction=mask_fraction, coupling=coupling)
     else:
@@ -312,7 +319,7 @@ def simulate(
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance,
                                      guidance_reference=guidance_reference, neighbours=neighbours,
-                                     min_similarity=min_similarity, seed=seed,
+                                     min_similarity=min_similarity, global_weight=global_weight, seed=seed,
                                      device=device, progress=progress, prior=fixed or None)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)

@@ -359,8 +359,8 @@ class LingshuModel:
                       seed: int = 0, device: str = "auto", batch_size: int = 256,
                       prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
                       mask_fraction: float = 1.0, coupling: str = "independent", neighbours: int = 0,
-                      min_similarity: float | None = None, progress: bool = False,
-                      chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
+                      min_similarity: float | None = None, global_weight: float | None = None,
+                      progress: bool = False, chunk_cells: int | None = None) -> Iterator[ad.AnnData]:
         """:meth:`simulate` in chunks of ``chunk_cells`` cells (same cells for the same seed and chunk size).
 
         Memory is ``O(chunk_cells x genes)`` whatever the number of cells (default 1,024
@@ -373,7 +373,9 @@ class LingshuModel:
         ``k`` contexts seen with it whose control profile is most like the target context's
         (:mod:`lingshu.neighbours`) instead of taken from the context-free pair; ``min_similarity``
         leaves out the ones, other than the nearest, whose control profile correlates with the
-        target's below it (the rest fill the ``k`` slots in turn, nearest first).
+        target's below it (the rest fill the ``k`` slots in turn, nearest first); ``global_weight=g``
+        mixes the context-free effect in: ``(1 - g)`` times the neighbours' mean effect plus ``g``
+        times the context-free one (one more denoiser pair per step).
         """
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
@@ -395,6 +397,10 @@ class LingshuModel:
             raise LingshuError(f"min_similarity must be a correlation in [-1, 1] and needs neighbours >= 1; "
                                f"got {min_similarity} with neighbours {neighbours}")
         min_similarity = None if min_similarity is None else float(min_similarity)
+        if global_weight is not None and (not neighbours or not 0.0 <= float(global_weight) <= 1.0):
+            raise LingshuError(f"global_weight must be in [0, 1] and needs neighbours >= 1; "
+                               f"got {global_weight} with neighbours {neighbours}")
+        global_weight = None if global_weight is None else float(global_weight)
         ref = self._reference(cond, guidance_reference) if guidance_scale != 0 or composed else None
         cond, ref = self._with_extras(cond, ref, start_counts, seed)
         source = self._reference(cond, "control") if quantile else None  # the extra columns (null state, the
@@ -402,8 +408,13 @@ class LingshuModel:
         dev = resolve_device(device)
         self.denoiser.to(dev)
         pooled = self._context_free(cond, ref) if composed else None
+        weights = None
         if neighbours:
-            pooled = self._neighbour_pairs(cond, pooled, int(neighbours), min_similarity, dev)
+            free = pooled
+            pooled = self._neighbour_pairs(cond, free, int(neighbours), min_similarity, dev)
+            if global_weight:  # the context-free pair as one more, weighted pair
+                weights = [(1.0 - global_weight) / int(neighbours)] * int(neighbours) + [global_weight]
+                pooled = tuple(pooled) + tuple(free)
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
@@ -412,6 +423,8 @@ class LingshuModel:
                 "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
         if min_similarity is not None:
             meta["min_similarity"] = min_similarity
+        if global_weight is not None:
+            meta["global_weight"] = global_weight
         for c, start in enumerate(range(0, len(cond), chunk_cells)):
             sl = slice(start, min(start + chunk_cells, len(cond)))
             init = torch.full((sl.stop - sl.start, len(self.genes)), MASK_ID, dtype=torch.long)
@@ -423,7 +436,7 @@ class LingshuModel:
                 init[:, j] = tok
             kw = dict(ref=None if ref is None else torch.from_numpy(ref[sl]),
                       pooled=None if pooled is None else tuple(torch.from_numpy(p[sl]) for p in pooled),
-                      device=dev, progress=progress, autocast=dev.type == "cuda")
+                      pooled_weights=weights, device=dev, progress=progress, autocast=dev.type == "cuda")
             cfg_c = dataclasses.replace(cfg, seed=seed + 7919 * c)
             if quantile:  # the source pass sees the cells' own counts, the target pass the prior
                 tokens = transport_tokens(self.denoiser, torch.from_numpy(cond[sl]), torch.from_numpy(source[sl]),
@@ -508,6 +521,10 @@ class LingshuModel:
         min_similarity
             With ``neighbours``: leave out neighbour contexts, other than the nearest, whose
             control profile correlates with the cell's context's below this (default: none).
+        global_weight
+            With ``neighbours``: the share ``g`` of the context-free effect (all contexts pooled)
+            in the effect used, ``(1 - g)`` times the neighbours' mean plus ``g`` times it
+            (default: none, the neighbours alone).
         layer
             Where the input counts are (counterfactual mode).
 

@@ -41,6 +41,7 @@ from, ``u`` is uniform and the new value follows ``G`` exactly, while a cell hig
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -64,19 +65,24 @@ def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None,
     return lr + (w + 1.0) * (lc - lr)
 
 
-def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert, logits_base, w: float) -> torch.Tensor:
+def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert, logits_base, w: float,
+                       weights: Sequence[float] | None = None) -> torch.Tensor:
     """Composed guidance in float64 (unnormalised): ``ctrl + (w + 1) * mean_j(pert_j - base_j)`` of log-softmaxes.
 
     ``logits_ctrl``: same context, control; ``logits_pert`` / ``logits_base``: the perturbation /
     the control with context keys null (one tensor each), or one tensor per neighbour context
-    (sequences of equal length; the effects are averaged).
+    (sequences of equal length; the effects are averaged, or weighted by ``weights``, one per
+    pair, summing to 1).
     """
     def lsm(z):
         return torch.log_softmax(z.double(), dim=-1)
 
     if isinstance(logits_pert, torch.Tensor):
         logits_pert, logits_base = [logits_pert], [logits_base]
-    effect = sum(lsm(p) - lsm(b) for p, b in zip(logits_pert, logits_base, strict=True)) / len(logits_pert)
+    if weights is None:
+        effect = sum(lsm(p) - lsm(b) for p, b in zip(logits_pert, logits_base, strict=True)) / len(logits_pert)
+    else:
+        effect = sum(float(a) * (lsm(p) - lsm(b)) for a, p, b in zip(weights, logits_pert, logits_base, strict=True))
     return lsm(logits_ctrl) + (w + 1.0) * effect
 
 
@@ -116,7 +122,7 @@ def _draw_at(log_probs, rows, cols, generator, chunk: int = 4096):
     return values, logps
 
 
-def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
+def _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights=None):
     """The per-position log-probability function of one step (one batched denoiser pass)."""
     b = x.shape[0]
 
@@ -126,7 +132,7 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
     if pooled is not None:  # composed: same context at control, then (perturbation, control) pairs
         h_ctrl, *hs = denoiser.packed(torch.cat([x] * (len(pooled) + 1)), torch.cat([ref, *pooled])).split(b)
         return lambda r, c: composed_log_probs(head(h_ctrl, r, c), [head(h, r, c) for h in hs[0::2]],
-                                               [head(h, r, c) for h in hs[1::2]], w)
+                                               [head(h, r, c) for h in hs[1::2]], w, pooled_weights)
     if ref is not None and w != 0:
         h_cond, h_ref = denoiser.packed(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
         return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
@@ -134,11 +140,12 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled):
     return lambda r, c: head(h_cond, r, c).double()
 
 
-def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None) -> torch.Tensor:
+def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None,
+                  pooled_weights=None) -> torch.Tensor:
     """Reveal ``n_reveal[i]`` masked genes of each cell ``i``; returns the new tokens."""
     b, g = x.shape
     masked = x == MASK_ID
-    log_probs = _log_prob_fn(denoiser, x, cond, ref, w, pooled)
+    log_probs = _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights)
     k = int(n_reveal.max())
     arange_b = torch.arange(b, device=x.device)[:, None]
     keep = torch.arange(k, device=x.device)[None, :] < n_reveal[:, None]  # (B, k)
@@ -182,8 +189,8 @@ def _batches(denoiser, cfg: SampleConfig, device, ref, pooled, *tensors):
 @torch.no_grad()
 def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleConfig, *,
                   ref: torch.Tensor | None = None, pooled: tuple[torch.Tensor, ...] | None = None,
-                  device: torch.device | str = "cpu", progress: bool = False,
-                  autocast: bool = False) -> torch.Tensor:
+                  pooled_weights: Sequence[float] | None = None, device: torch.device | str = "cpu",
+                  progress: bool = False, autocast: bool = False) -> torch.Tensor:
     """Generate value tokens for every MASK position of ``init``.
 
     Parameters
@@ -207,6 +214,9 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
         ``(pert_1, control_1, ..., pert_k, control_k)`` (their effects are averaged); ``ref`` is
         then the same context at control and ``cond`` is unused (see the module docstring).
         ``None``: guidance relative to ``ref``.
+    pooled_weights
+        One weight per pair of ``pooled`` (summing to 1) for the effects' weighted mean instead
+        of their plain mean (``None``).
     device
         Where to run.
     progress
@@ -228,7 +238,8 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
                 n_reveal = (x == MASK_ID).sum(1) - n_masked_after(n0, step, cfg.steps, cfg.schedule)
                 if int(n_reveal.max()) > 0:
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                        x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator, pl)
+                        x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator, pl,
+                                          pooled_weights)
                 bar.advance()
             out.append(x.cpu())
     return torch.cat(out) if out else init.clone()
@@ -251,15 +262,16 @@ def _transport_at(log_probs, src_log_probs, observed, rows, cols, generator, chu
 @torch.no_grad()
 def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: torch.Tensor, observed: torch.Tensor,
                      cfg: SampleConfig, *, ref: torch.Tensor | None = None,
-                     pooled: tuple[torch.Tensor, ...] | None = None, device: torch.device | str = "cpu",
-                     progress: bool = False, autocast: bool = False) -> torch.Tensor:
+                     pooled: tuple[torch.Tensor, ...] | None = None, pooled_weights: Sequence[float] | None = None,
+                     device: torch.device | str = "cpu", progress: bool = False,
+                     autocast: bool = False) -> torch.Tensor:
     """Counterfactual tokens by quantile coupling (see the module docstring), in one denoiser pass.
 
     Parameters
     ----------
     denoiser
         A trained :class:`lingshu.denoiser.Denoiser`.
-    cond, ref, pooled
+    cond, ref, pooled, pooled_weights
         The target condition, as in :func:`sample_tokens` (guidance scale and reference from ``cfg``).
     source
         ``(N, K)`` condition ids the observed cells come from (their own labels; for a
@@ -285,7 +297,7 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: t
                                                          source):
             carried = x == MASK_ID
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl)
+                target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl, pooled_weights)
                 src = _log_prob_fn(denoiser, obs.masked_fill(carried, MASK_ID), s, None, 0.0, None)
                 rows, cols = carried.nonzero(as_tuple=True)
                 values = _transport_at(target, src, obs[rows, cols], rows, cols, generator)

@@ -279,6 +279,9 @@ def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
     assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
                           "--guidance-reference", "composed", "--min-similarity", "0.8"), "--min-similarity",
                       "--neighbours")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance-reference", "composed", "--neighbours", "1", "--global-weight", "2"),
+                      "--global-weight 2", "[0, 1]")
     assert not out.exists()
 
 
@@ -298,6 +301,12 @@ def test_simulate_with_composed_guidance(tmp_path, model_dir, counts_h5ad):
     assert sim_near.uns["lingshu"]["neighbours"] == 1 and sim_near.n_obs == sim.n_obs
     assert sim_near.uns["lingshu"]["min_similarity"] == 0.3
     assert (sim_near.X != sim.X).nnz > 0  # each cell type's own effect, not the pooled one: other cells
+    mixed = tmp_path / "mixed.h5ad"
+    result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", mixed,
+                 "--guidance-reference", "composed", "--neighbours", "1", "--global-weight", "0.25", "--steps", "2",
+                 "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert ad.read_h5ad(mixed).uns["lingshu"]["global_weight"] == 0.25
 
 
 def test_simulate_prior_and_counterfactual_start(tmp_path, model_dir, counts_adata, counts_h5ad):

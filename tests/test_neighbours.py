@@ -83,6 +83,11 @@ def test_composed_log_probs_average_the_neighbour_effects():
     want = lsm(ctrl) + 1.5 * ((lsm(p1) - lsm(b1)) + (lsm(p2) - lsm(b2))) / 2
     assert torch.allclose(got, want)
     assert torch.equal(composed_log_probs(ctrl, [p1], [b1], 0.5), composed_log_probs(ctrl, p1, b1, 0.5))
+    weighted = composed_log_probs(ctrl, [p1, p2], [b1, b2], 0.5, weights=[0.75, 0.25])
+    assert torch.allclose(weighted, lsm(ctrl) + 1.5 * (0.75 * (lsm(p1) - lsm(b1)) + 0.25 * (lsm(p2) - lsm(b2))))
+    assert torch.allclose(composed_log_probs(ctrl, [p1, p2], [b1, b2], 0.5, weights=[0.5, 0.5]), got)
+    assert torch.allclose(composed_log_probs(ctrl, [p1, p2], [b1, b2], 0.5, weights=[0.0, 1.0]),
+                          composed_log_probs(ctrl, p2, b2, 0.5))
 
 
 def test_expected_values_are_the_mean_of_the_predicted_values():
@@ -115,3 +120,29 @@ def test_predict_with_neighbours_takes_each_seen_context_s_own_effect():
                     min_similarity=0.5)
     assert out.uns["lingshu"]["min_similarity"] == 0.5 and "min_similarity" not in m.predict(
         src, ["stim"], steps=1, guidance_reference="composed", neighbours=2).uns["lingshu"]
+
+
+def test_global_weight_mixes_the_context_free_effect_into_the_neighbours():
+    m = _model()
+    m.train(max_steps=30, device="cpu")
+    src = make_counts(n_cells=12, seed=3)
+    src = src[src.obs["condition"] == "control"].copy()
+    kw = dict(steps=2, seed=0, guidance_scale=0.0, guidance_reference="composed", mask_fraction=1.0,
+              coupling="quantile")
+    pooled = m.predict(src, ["stim"], **kw)
+    own = m.predict(src, ["stim"], neighbours=1, **kw)
+    assert (own.X != pooled.X).nnz > 0  # each cell type's own effect differs from the pooled one
+    seen = record_packed_conditions(m)
+    mixed = m.predict(src, ["stim"], neighbours=1, global_weight=0.25, **kw)
+    assert mixed.uns["lingshu"]["global_weight"] == 0.25 and "global_weight" not in own.uns["lingshu"]
+    cond = [c for c in seen if len(c) == 5 * src.n_obs][-1]  # context at control, neighbour pair, free pair
+    _, pert1, base1, pert_free, base_free = cond.chunk(5)
+    assert (pert_free[:, 0] == 0).all() and (base_free[:, 0] == 0).all()  # context key null
+    assert torch.equal(pert_free[:, 1], pert1[:, 1]) and torch.equal(base_free[:, 1], base1[:, 1])
+    # weight 1: the context-free effect alone, as without neighbours; weight 0: the neighbours alone
+    only_free = m.predict(src, ["stim"], neighbours=1, global_weight=1.0, **kw)
+    assert (only_free.X != pooled.X).nnz <= 0.01 * np.prod(pooled.shape)
+    assert (m.predict(src, ["stim"], neighbours=1, global_weight=0.0, **kw).X != own.X).nnz == 0
+    for bad in ({"global_weight": 0.5}, {"neighbours": 1, "global_weight": 1.5}):
+        with pytest.raises(LingshuError, match="global_weight"):
+            m.predict(src, ["stim"], steps=1, guidance_reference="composed", **bad)

@@ -25,6 +25,9 @@
 #'   whose control expression correlates with the cell's own context's below this (a Pearson
 #'   correlation); the rest fill the `neighbours` slots in turn, nearest first. `NULL`
 #'   (default): the nearest `neighbours` whatever their similarity.
+#' @param global_weight With `neighbours`: the share `g` (0 to 1) of the effect learned across all
+#'   contexts pooled in the effect used, `(1 - g)` times the neighbours' mean plus `g` times the
+#'   pooled one. `NULL` (default): the neighbours alone.
 #' @param seed Random seed: same seed, same cells.
 #' @param steps Denoising steps.
 #' @param mask_fraction `NULL` (default) samples from the labels alone. A number in (0, 1]
@@ -62,7 +65,7 @@
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
                              guidance_reference = c("control", "null", "composed"), neighbours = 0,
-                             min_similarity = NULL, seed = 0,
+                             min_similarity = NULL, global_weight = NULL, seed = 0,
                              steps = 3, mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
                              prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
   as <- match.arg(as)
@@ -84,7 +87,8 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
     guidance_reference = guidance_reference, neighbours = .py_int(neighbours),
-    min_similarity = if (is.null(min_similarity)) NULL else as.numeric(min_similarity), steps = .py_int(steps),
+    min_similarity = if (is.null(min_similarity)) NULL else as.numeric(min_similarity),
+    global_weight = if (is.null(global_weight)) NULL else as.numeric(global_weight), steps = .py_int(steps),
     seed = .py_int(seed),
     mask_fraction = if (is.null(mask_fraction)) NULL else as.numeric(mask_fraction), coupling = coupling,
     prior = prior,

@@ -42,6 +42,12 @@ test_that("composed guidance reaches Python and is recorded; a misspelt referenc
                            device = "cpu")
   expect_equal(SeuratObject::Misc(near, "lingshu")$neighbours, 1L)
   expect_equal(SeuratObject::Misc(near, "lingshu")$min_similarity, 0.3)
+  mixed <- lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance = 0,
+                            guidance_reference = "composed", neighbours = 1, global_weight = 0.25, steps = 2,
+                            device = "cpu")
+  expect_equal(SeuratObject::Misc(mixed, "lingshu")$global_weight, 0.25)
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_reference = "composed",
+                                neighbours = 1, global_weight = 2), "global_weight")
   expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), neighbours = 1),
                "neighbours")
   expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_reference = "ctrl"),
