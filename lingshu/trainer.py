@@ -36,6 +36,12 @@ __all__ = ["Trainer", "TrainHistory", "lr_at", "resolve_device"]
 log = logging.getLogger(__name__)
 
 
+def _hms(seconds: float) -> str:
+    """``seconds`` as ``H:MM:SS``."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU."""
     if device == "auto":
@@ -107,7 +113,8 @@ class Trainer:
     on_checkpoint
         Called as ``on_checkpoint(trainer)`` every ``cfg.checkpoint_every`` steps and at the end.
     progress
-        Show a rich progress bar.
+        Show a rich progress bar. Without one (a log file, a pipeline), the ``lingshu`` logger
+        gets a plain progress line (step, loss, cells/s, time left) every 5% of the steps.
     dist
         Rank and world size (default: from ``torch.distributed``); with ``world > 1`` each
         rank trains on its share of every global batch of ``cfg.batch_size`` cells.
@@ -230,6 +237,15 @@ class Trainer:
         self.history.step += 1
         return float(total) if self.history.step % max(cfg.log_every, 1) == 0 else float("nan")
 
+    def _log_progress(self, start_step: int, start_seconds: float) -> None:
+        """One plain progress line (what the bar shows) for logs without a progress bar."""
+        h = self.history
+        per_step = (h.seconds - start_seconds) / max(h.step - start_step, 1)
+        eta = per_step * (self.cfg.max_steps - h.step)
+        loss = f"{h.train_loss[-1][1]:.4f}" if h.train_loss else "-"
+        log.info("step %d/%d  loss %s  %.1f cells/s  %s left", h.step, self.cfg.max_steps, loss,
+                 h.cells_seen / max(h.seconds, 1e-9), _hms(eta))
+
     def fit(self) -> TrainHistory:
         """Train until ``cfg.max_steps`` (continuing from :attr:`history.step`)."""
         cfg = self.cfg
@@ -237,6 +253,7 @@ class Trainer:
         if start_step >= cfg.max_steps:
             log.info("already trained for %d steps (max_steps %d); nothing to do", start_step, cfg.max_steps)
             return self.history
+        report_every, start_seconds = max(1, cfg.max_steps // 20), self.history.seconds
         with progress_bar(self.progress, "training", total=cfg.max_steps) as bar:
             bar.advance(start_step)
             while self.history.step < cfg.max_steps:
@@ -258,6 +275,9 @@ class Trainer:
                         and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     self.on_checkpoint(self)
                 bar.advance()
+                if not self.progress and self.dist.is_main and \
+                        (step % report_every == 0 or step == cfg.max_steps):
+                    self._log_progress(start_step, start_seconds)
         self.history.seconds = time.perf_counter() - t0
         if self.on_checkpoint and self.dist.is_main:
             self.on_checkpoint(self)

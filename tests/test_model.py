@@ -1,6 +1,7 @@
 """The LingshuModel facade: simulate, save/load, resume, format versions, bad input."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -25,6 +26,20 @@ def test_simulate_returns_integer_counts_and_conditions():
     assert sp.issparse(out.X) and np.all(out.X.data == np.round(out.X.data)) and out.X.data.min() >= 0
     assert set(out.obs["cell_type"]) == {"B"} and set(out.obs["condition"]) == {"stim"}
     assert out.uns["lingshu"]["steps"] == 4
+
+
+def test_training_without_a_progress_bar_logs_progress_lines(caplog):
+    """Redirected to a log file (no bar), a run still says how far it is, every 5% of the steps."""
+    logger = logging.getLogger("lingshu")
+    propagate, logger.propagate = logger.propagate, True  # the CLI's rich handler turns propagation off
+    try:
+        with caplog.at_level(logging.INFO, logger="lingshu"):
+            _model().train(max_steps=40, device="cpu", progress=False)
+    finally:
+        logger.propagate = propagate
+    lines = [r.getMessage() for r in caplog.records if "/40 " in r.getMessage()]
+    assert [ln.split()[1] for ln in lines] == [f"{k}/40" for k in range(2, 41, 2)]
+    assert "loss" in lines[-1] and "cells/s" in lines[-1] and lines[-1].endswith("0:00:00 left")
 
 
 def test_generate_reproduces_training_proportions():
