@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lingshu import LingshuModel
+    from lingshu.progress import setup_logging
 
+    if not sys.stderr.isatty():  # a log file: the trainer's plain progress lines instead of a bar
+        setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
