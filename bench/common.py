@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -340,6 +341,23 @@ def set_threads(threads: int | None) -> None:
     THREADS[0] = threads
     torch.set_num_threads(threads)
     threadpool_limits(threads)
+
+
+def exit_with_parent(interval: float = 2.0) -> None:
+    """In a worker process: exit (status 1) once the process that started it is gone.
+
+    Without it, a suite stopped with ``kill`` (SIGTERM or SIGKILL on the ``bench/run.py`` process)
+    leaves its task processes running, and they keep writing into the results folder beside the
+    next run. A daemon thread checks the parent pid every ``interval`` seconds.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def pin_threads() -> None:

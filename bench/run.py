@@ -28,8 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import (ROOT, Meter, MissingData, data_dir, hardware, make_profile, set_threads,  # noqa: E402
-                    setup_logging)
+from common import (ROOT, Meter, MissingData, data_dir, exit_with_parent, hardware, make_profile,  # noqa: E402
+                    set_threads, setup_logging)
 
 log = logging.getLogger("bench")
 TASKS = ("kang", "papalexi", "generation")
@@ -233,6 +233,7 @@ def _run_tasks(tasks: list[str], profile, out: Path, args):
 
 def _task_process(task: str, profile, out: Path, args) -> tuple[dict, float]:
     """One task in a worker process: the parent's logging and thread settings, then :func:`_run_task`."""
+    exit_with_parent()
     setup_logging(args.verbose)
     set_threads(profile.threads)
     info = _run_task(task, profile, out, args)

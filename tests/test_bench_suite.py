@@ -1,0 +1,59 @@
+"""The benchmark suite's process handling: killing the suite must not leave its task processes running."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_task_process_exits_when_the_suite_process_is_killed(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    suite = textwrap.dedent(f"""
+        import multiprocessing, os, sys, time
+        sys.path.insert(0, {str(BENCH)!r})
+
+        def task(path):
+            from common import exit_with_parent
+            exit_with_parent(interval=0.1)
+            open(path, "w").write(str(os.getpid()))
+            time.sleep(120)  # a long task
+
+        if __name__ == "__main__":
+            multiprocessing.get_context("spawn").Process(target=task, args=({str(pid_file)!r},)).start()
+            time.sleep(120)
+    """)
+    script = tmp_path / "suite.py"
+    script.write_text(suite)
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the task process outlived the killed suite"
+    finally:
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
