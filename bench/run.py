@@ -60,7 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default bench/results; bench/results/smoke with --smoke)")
     ap.add_argument("--md", type=Path, default=None,
-                    help="markdown report (default <repo>/BENCHMARKS.md; <out>/BENCHMARKS.md with --smoke)")
+                    help="markdown report (default <repo>/BENCHMARKS.md for bench/results, else <out>/BENCHMARKS.md)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and BLAS threads (default: 1 for --quick, measured faster and steadier than 2 on a "
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     mode = "full" if args.full else "quick"
     out = args.out or (ROOT / "bench" / "results" / ("smoke" if args.smoke else ""))
-    md = args.md or (out / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md")
+    main_results = out.resolve() == (ROOT / "bench" / "results").resolve()
+    md = args.md or (ROOT / "BENCHMARKS.md" if main_results else out / "BENCHMARKS.md")  # side runs keep theirs
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad:
