@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,6 @@ from .progress import progress_bar
 __all__ = ["Trainer", "TrainHistory", "lr_at", "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-
-def _hms(seconds: float) -> str:
-    """``seconds`` as ``H:MM:SS``."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,6 +78,11 @@ class TrainHistory:
     cells_seen: int = 0
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def cells_per_second(self) -> float:
+        """Training throughput so far."""
+        return self.cells_seen / max(self.seconds, 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seconds": self.seconds, "cells_seen": self.cells_seen,
@@ -244,7 +244,7 @@ class Trainer:
         eta = per_step * (self.cfg.max_steps - h.step)
         loss = f"{h.train_loss[-1][1]:.4f}" if h.train_loss else "-"
         log.info("step %d/%d  loss %s  %.1f cells/s  %s left", h.step, self.cfg.max_steps, loss,
-                 h.cells_seen / max(h.seconds, 1e-9), _hms(eta))
+                 h.cells_per_second, timedelta(seconds=round(eta)))
 
     def fit(self) -> TrainHistory:
         """Train until ``cfg.max_steps`` (continuing from :attr:`history.step`)."""
@@ -270,7 +270,7 @@ class Trainer:
                     v = self.validation_loss()
                     self.history.val_loss.append((step, round(v, 5)))
                     log.info("step %d  val loss %.4f  (%.1f cells/s)", step, v,
-                             self.history.cells_seen / max(self.history.seconds, 1e-9))
+                             self.history.cells_per_second)
                 if self.on_checkpoint and self.dist.is_main and cfg.checkpoint_every \
                         and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     self.on_checkpoint(self)
