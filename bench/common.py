@@ -348,10 +348,9 @@ def exit_with_parent(interval: float = 2.0) -> None:
 
     Without it, a suite stopped with ``kill`` (SIGTERM or SIGKILL on the ``bench/run.py`` process)
     leaves its task processes running, and they keep writing into the results folder beside the
-    next run. A daemon thread checks the parent pid every ``interval`` seconds (one per process).
+    next run. A daemon thread checks the parent pid every ``interval`` seconds. Call it once per
+    process (``bench/run.py`` passes it as the worker pool's initializer).
     """
-    if any(t.name == "exit-with-parent" for t in threading.enumerate()):
-        return
     parent = os.getppid()
 
     def watch() -> None:

@@ -218,7 +218,8 @@ def _run_tasks(tasks: list[str], profile, out: Path, args):
     order = sorted(tasks, key=BY_COST.index)
     log.info("running %s in %d processes (%s thread(s) each)", ", ".join(order), profile.jobs,
              profile.threads or "all")
-    with ProcessPoolExecutor(max_workers=profile.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=profile.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         futures = {pool.submit(_task_process, task, profile, out, args): task for task in order}
         for fut in as_completed(futures):
             task = futures[fut]
@@ -234,7 +235,6 @@ def _run_tasks(tasks: list[str], profile, out: Path, args):
 
 def _task_process(task: str, profile, out: Path, args) -> tuple[dict, float]:
     """One task in a worker process: the parent's logging and thread settings, then :func:`_run_task`."""
-    exit_with_parent()
     setup_logging(args.verbose)
     set_threads(profile.threads)
     info = _run_task(task, profile, out, args)
