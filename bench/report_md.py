@@ -289,6 +289,16 @@ def models_table(frames: dict[str, pd.DataFrame]) -> list[str]:
             "high-water mark reset per block; STATE: its CLI processes).", ""] + _table(t, list(t.columns)) + [""]
 
 
+def _papalexi_targets(p: dict) -> str:
+    """The held-out Papalexi targets of a profile, in words (older results have no offsets)."""
+    n, offsets = p.get("papalexi_targets"), p.get("papalexi_offsets") or [0]
+    if not n:
+        return "all 25 targets"
+    if len(offsets) == 1:
+        return f"{n} targets (offset {offsets[0]})"
+    return f"{n * len(offsets)} targets ({n} each from offsets {', '.join(map(str, offsets))})"
+
+
 # ------------------------------------------------------------------ main
 def _profile_text(p: dict) -> str:
     if not p:
@@ -316,7 +326,7 @@ def _profile_text(p: dict) -> str:
              f"generation data sets subsampled to <= {p['gen_max_cells']} cells" if p.get("gen_max_cells")
              else "all cells",
              f"Kang held-out types: {', '.join(p['kang_types']) if p.get('kang_types') else 'all 7'}",
-             f"Papalexi: {p.get('papalexi_targets') or 'all 25'} targets x {p.get('papalexi_folds')} fold(s)"
+             f"Papalexi: {_papalexi_targets(p)} x {p.get('papalexi_folds')} fold(s)"
              + (f", <= {p['papalexi_max_ctrl']} control sources per replicate" if p.get("papalexi_max_ctrl") else "")
              + (f", target gene fixed at {p['papalexi_target_prior']} counts (prior injection)"
                 if p.get("papalexi_target_prior") is not None else ""),

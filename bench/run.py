@@ -82,8 +82,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="Kang: prediction + evaluation draws per held-out type with seeds seed, seed+1, ... "
                          "(--quick: 3; Task 1 targets use every method's mean)")
     ap.add_argument("--scvi-epochs", type=int, default=None, help="override the scVI epoch cap")
-    ap.add_argument("--papalexi-offset", type=int, default=0, help="rotation offset of the Papalexi target subset")
+    ap.add_argument("--papalexi-offsets", default=None,
+                    help="rotation offsets of the Papalexi target subset, comma-separated (--quick: 0,2,3, the "
+                         "targets not used for development; 1 and 4 are the development folds)")
     ap.add_argument("--papalexi-targets", type=int, default=None, help="override the number of held-out targets")
+    ap.add_argument("--papalexi-max-ctrl", type=int, default=None,
+                    help="override the control cells per replicate Lingshu predicts from (0: every one)")
     ap.add_argument("--kang-types", default=None, help="override the held-out Kang cell types (comma-separated)")
     ap.add_argument("--datasets", default=None, help="override the generation data sets (comma-separated)")
     ap.add_argument("--state-steps", type=int, default=None, help="override STATE's training steps (0: skip STATE)")
@@ -131,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.kang_draws is not None and args.kang_draws < 1:
         print(f"error: --kang-draws must be >= 1, got {args.kang_draws}", file=sys.stderr)
         return 2
+    try:
+        offsets = [int(o) for o in args.papalexi_offsets.split(",")] if args.papalexi_offsets else None
+    except ValueError:
+        print(f"error: --papalexi-offsets must be integers separated by commas, got {args.papalexi_offsets!r}",
+              file=sys.stderr)
+        return 2
+    if args.papalexi_max_ctrl is not None and args.papalexi_max_ctrl < 0:
+        print(f"error: --papalexi-max-ctrl must be >= 0 (0: every control cell), got {args.papalexi_max_ctrl}",
+              file=sys.stderr)
+        return 2
     if args.loss_genes is not None and args.loss_genes < 0:
         print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
         return 2
@@ -147,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = make_profile(mode, smoke=args.smoke, device=args.device, seed=args.seed, preset=args.preset,
                            kang_steps=steps, papalexi_steps=steps, gen_steps=steps,
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
+                           papalexi_offsets=offsets,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                            kang_min_similarity=args.min_similarity, kang_global_weight=args.global_weight,
                            kang_draws=args.kang_draws,
                            gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
+    if args.papalexi_max_ctrl is not None:  # 0: every control cell (None in the profile)
+        profile = dataclasses.replace(profile, papalexi_max_ctrl=args.papalexi_max_ctrl or None)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
         profile = dataclasses.replace(profile, loss_genes=args.loss_genes or None)
     profile = dataclasses.replace(profile, peers=not args.no_peers, plots=not args.no_plots,
@@ -245,10 +262,9 @@ def _run_task(task: str, profile, out: Path, args) -> dict:
     import importlib
 
     mod = importlib.import_module(f"task_{task}")
-    kwargs = {"offset": args.papalexi_offset} if task == "papalexi" else {}
     try:
         with Meter() as meter:
-            df = mod.run(profile, out, **kwargs)
+            df = mod.run(profile, out)
     except MissingData as err:
         log.warning("%s skipped: %s", task, err)
         return {"status": "skipped", "reason": str(err)}

@@ -1,8 +1,8 @@
 """Task 2: genetic perturbation, CRISPR knock-out (Papalexi et al. 2021 ECCITE-seq, THP-1).
 
 Unassigned cells are dropped. Context = ``replicate``, perturbation = ``target_gene``, control =
-``non-targeting``. Targets (sorted by name) are taken every k-th from an offset (a rotating
-subset; all 25 in the full profile); in fold f, target i is held out in replicate
+``non-targeting``. Targets (sorted by name) are taken every k-th from one or more offsets (a
+rotating subset; all 25 in the full profile); in fold f, target i is held out in replicate
 ``(i + f) mod 3``, so every model still sees each held-out target in the two other replicates
 and, over three folds, every (replicate, target) combination is held out once. One model per
 fold predicts each held-out combination from control cells of its replicate (with the target gene
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -34,13 +35,17 @@ DATA = "papalexi2021_eccite_thp1_sceptre_subset.h5ad"
 CTX, PERT, CONTROL = "replicate", "target_gene", "non-targeting"
 
 
-def pick_targets(targets: list[str], n: int | None, offset: int = 0) -> list[str]:
-    """Every k-th target from ``offset`` (k = ceil(len / n)): the rotating subset."""
+def pick_targets(targets: list[str], n: int | None, offsets: Sequence[int] = (0,)) -> list[str]:
+    """Every k-th target from each offset (k = ceil(len / n)), offset by offset: the rotating subset.
+
+    With ``n`` = 5 of 25 targets, offsets 0 .. 4 split the targets into five disjoint groups.
+    """
     targets = sorted(targets)
     if n is None or n >= len(targets):
         return targets
     k = math.ceil(len(targets) / n)
-    return [targets[(offset + i * k) % len(targets)] for i in range(n)]
+    picked = [targets[(o + i * k) % len(targets)] for o in offsets for i in range(n)]
+    return list(dict.fromkeys(picked))  # an offset given twice adds nothing
 
 
 def target_prior(genes: list[str], target: str, count: int | None) -> dict[str, int] | None:
@@ -48,7 +53,7 @@ def target_prior(genes: list[str], target: str, count: int | None) -> dict[str, 
     return {target: count} if count is not None and target in genes else None
 
 
-def run(profile: Profile, out: Path, offset: int = 0) -> pd.DataFrame:
+def run(profile: Profile, out: Path) -> pd.DataFrame:
     from lingshu import LingshuModel
 
     import peers
@@ -58,7 +63,7 @@ def run(profile: Profile, out: Path, offset: int = 0) -> pd.DataFrame:
     cells = cells[(cells.obs[PERT] != "unassigned").to_numpy()].copy()
     reps = sorted(cells.obs[CTX].unique())
     all_targets = sorted(t for t in cells.obs[PERT].unique() if t != CONTROL)
-    targets = pick_targets(all_targets, profile.papalexi_targets, offset)
+    targets = pick_targets(all_targets, profile.papalexi_targets, profile.papalexi_offsets)
     scvi_ok, scvi_msg = peers.scvi_status() if profile.peers else (False, "peers disabled")
     if profile.peers and not scvi_ok:
         note(out, f"papalexi: scVI peers skipped: {scvi_msg}")

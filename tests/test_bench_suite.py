@@ -57,3 +57,18 @@ def test_task_process_exits_when_the_suite_process_is_killed(tmp_path):
         proc.kill()
         if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_quick_papalexi_targets_leave_out_the_development_folds():
+    sys.path.insert(0, str(BENCH))
+    from common import make_profile
+    from task_papalexi import pick_targets
+
+    targets = [f"T{i:02d}" for i in range(25)]
+    groups = [pick_targets(targets, 5, [o]) for o in range(5)]
+    assert sorted(t for g in groups for t in g) == targets  # the five offsets partition the targets
+    quick = make_profile("quick")
+    reported = pick_targets(targets, quick.papalexi_targets, quick.papalexi_offsets)
+    development = set(groups[1]) | set(groups[4])  # the folds sampling settings were chosen on
+    assert len(reported) == 15 and not development & set(reported)
+    assert pick_targets(targets, 5, [0, 0]) == groups[0]
