@@ -328,6 +328,7 @@ def _profile_text(p: dict) -> str:
              f"Kang held-out types: {', '.join(p['kang_types']) if p.get('kang_types') else 'all 7'}",
              f"Papalexi: {_papalexi_targets(p)} x {p.get('papalexi_folds')} fold(s)"
              + (f", <= {p['papalexi_max_ctrl']} control sources per replicate" if p.get("papalexi_max_ctrl") else "")
+             + (f", {p['papalexi_n_per_cell']} cells per source" if (p.get("papalexi_n_per_cell") or 1) > 1 else "")
              + (f", target gene fixed at {p['papalexi_target_prior']} counts (prior injection)"
                 if p.get("papalexi_target_prior") is not None else ""),
              "scVI epochs: scvi-tools default" + (f", <= {p['scvi_max_epochs']}" if p.get("scvi_max_epochs") else "")
