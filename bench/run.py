@@ -76,6 +76,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "--quick sets 256, sized for tiny)")
     ap.add_argument("--cell-states", type=int, default=None,
                     help="generation: override the number of cell states the model conditions on (0: off)")
+    ap.add_argument("--sample-steps", type=int, default=None,
+                    help="generation: override the sampling steps (--quick: 8)")
     ap.add_argument("--sample-seeds", type=int, default=None,
                     help="generation: sampling seeds per trained model (default 3; Task 3 targets use the mean)")
     ap.add_argument("--kang-draws", type=int, default=None,
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell_states is not None and args.cell_states < 0:
         print(f"error: --cell-states must be >= 0 (0: off), got {args.cell_states}", file=sys.stderr)
         return 2
+    if args.sample_steps is not None and args.sample_steps < 1:
+        print(f"error: --sample-steps must be >= 1, got {args.sample_steps}", file=sys.stderr)
+        return 2
     if args.sample_seeds is not None and args.sample_seeds < 1:
         print(f"error: --sample-seeds must be >= 1, got {args.sample_seeds}", file=sys.stderr)
         return 2
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                            kang_coupling=args.coupling, kang_neighbours=args.neighbours,
                            kang_min_similarity=args.min_similarity, kang_global_weight=args.global_weight,
                            kang_draws=args.kang_draws,
-                           gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds)
+                           gen_cell_states=args.cell_states, gen_sample_seeds=args.sample_seeds,
+                           gen_sample_steps=args.sample_steps)
     if args.papalexi_max_ctrl is not None:  # 0: every control cell (None in the profile)
         profile = dataclasses.replace(profile, papalexi_max_ctrl=args.papalexi_max_ctrl or None)
     if args.loss_genes is not None:  # 0: the preset's own budget (None in the profile)
