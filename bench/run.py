@@ -77,7 +77,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cell-states", type=int, default=None,
                     help="generation: override the number of cell states the model conditions on (0: off)")
     ap.add_argument("--sample-steps", type=int, default=None,
-                    help="generation: override the sampling steps (--quick: 8)")
+                    help="generation: override the sampling steps (--quick: 32)")
     ap.add_argument("--sample-seeds", type=int, default=None,
                     help="generation: sampling seeds per trained model (default 3; Task 3 targets use the mean)")
     ap.add_argument("--kang-draws", type=int, default=None,
