@@ -236,8 +236,9 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         raise ValueError(f"unknown mode {mode!r}")
     if smoke:
         p = dataclasses.replace(p, name=f"{p.name}+smoke", kang_steps=5, papalexi_steps=5, gen_steps=5,
-                                gen_sample_steps=2, predict_steps=2, kang_types=["B"], papalexi_targets=2, papalexi_offsets=[0],
-                                papalexi_folds=1, gen_datasets=["pbmc68k_reduced", "mouse_lung_immune"],
+                                gen_sample_steps=2, predict_steps=2, kang_types=["B"], papalexi_targets=2,
+                                papalexi_offsets=[0], papalexi_folds=1,
+                                gen_datasets=["pbmc68k_reduced", "mouse_lung_immune"],
                                 gen_max_cells=300, papalexi_max_ctrl=100, scvi_max_epochs=2, scvi_max_updates=20,
                                 state_steps=3 if p.state_steps else None,
                                 max_genes=p.max_genes or 1000, embedding="pca")

@@ -59,8 +59,8 @@ def test_task_process_exits_when_the_suite_process_is_killed(tmp_path):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
-def test_quick_papalexi_targets_leave_out_the_development_folds():
-    sys.path.insert(0, str(BENCH))
+def test_quick_papalexi_targets_leave_out_the_development_folds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     from common import make_profile
     from task_papalexi import pick_targets
 
