@@ -101,7 +101,8 @@ def tier_table(heldout: ad.AnnData, sim: ad.AnnData, train: ad.AnnData, seed: in
     for name, idx in gene_tiers(train).items():
         if len(idx) < 2:
             continue
-        cut = [c[:, idx].copy() for c in (heldout, sim, train)]
+        names = train.var_names[idx]  # by name: the generated cells need not list the genes in the same order
+        cut = [c[:, names].copy() for c in (heldout, sim, train)]
         model, floor = score(cut[0], cut[1], seed), score(cut[0], cut[2], seed)
         rows.append({"genes": name, "n_genes": len(idx), "mmd_ratio": model["mmd"] / floor["mmd"],
                      "auc": model["classifier_auc"], "train_half_auc": floor["classifier_auc"]})
