@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import anndata as ad
@@ -36,6 +38,29 @@ def make_counts(n_cells: int = 120, n_genes: int = 60, seed: int = 0) -> ad.AnnD
     var = pd.DataFrame(index=[f"G{j}" for j in range(n_genes)])
     return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
 
+
+
+@contextlib.contextmanager
+def recorded_logs(name: str, level: int = logging.INFO):
+    """Collect the records of logger ``name`` at ``level`` or above in a list.
+
+    The handler sits on the logger itself: the CLI's rich handler turns propagation to root off, and whether
+    ``caplog`` still sees such a logger differs between pytest releases (9.x attaches to it, so re-enabling
+    propagation there would show every record twice).
+    """
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def record_packed_conditions(model) -> list:

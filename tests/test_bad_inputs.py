@@ -45,7 +45,7 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import make_counts
+from conftest import make_counts, recorded_logs
 from lingshu import LingshuModel
 from lingshu.errors import LingshuError
 from lingshu.io import read_cells
@@ -462,16 +462,9 @@ def test_duplicated_names_give_one_warning_line_not_anndatas(tmp_path):
     adata = make_counts(N_CELLS, N_GENES)
     adata.var_names = ["G0", "G0"] + list(adata.var_names[2:])
     path = _write_h5ad(adata, tmp_path / "dups.h5ad")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # on the logger itself: the CLI's setup may stop propagation to root
-    logging.getLogger("lingshu.io").addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            read_cells(path)
-    finally:
-        logging.getLogger("lingshu.io").removeHandler(handler)
+    with recorded_logs("lingshu.io", logging.WARNING) as records, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_cells(path)
     assert not [w for w in caught if "not unique" in str(w.message)]  # anndata's multi-line notice
     assert [r.getMessage() for r in records] == [
         f"{path} has 1 duplicated gene name(s) (e.g. G0); training needs unique names (adata.var_names_make_unique())"]

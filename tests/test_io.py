@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from lingshu.errors import LingshuError
 from lingshu.io import align_genes, read_cells, write_cells
+from tests.conftest import recorded_logs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:mudata")
 
@@ -121,13 +122,8 @@ def test_missing_file_and_unknown_extension(tmp_path):
 @pytest.fixture
 def io_warnings():
     """Warnings of ``lingshu.io`` (captured directly: the CLI may stop propagation to root)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("lingshu.io")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    with recorded_logs("lingshu.io", logging.WARNING) as records:
+        yield records
 
 
 def test_align_genes_reorders_and_zero_fills(counts_adata, io_warnings):

@@ -1,7 +1,6 @@
 """The LingshuModel facade: simulate, save/load, resume, format versions, bad input."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from lingshu import LingshuError, LingshuModel
 from lingshu.config import preset
-from tests.conftest import make_counts, record_packed_conditions
+from tests.conftest import make_counts, record_packed_conditions, recorded_logs
 
 
 def _model(**kw):
@@ -28,16 +27,11 @@ def test_simulate_returns_integer_counts_and_conditions():
     assert out.uns["lingshu"]["steps"] == 4
 
 
-def test_training_without_a_progress_bar_logs_progress_lines(caplog):
+def test_training_without_a_progress_bar_logs_progress_lines():
     """Redirected to a log file (no bar), a run still says how far it is, every 5% of the steps."""
-    logger = logging.getLogger("lingshu")
-    propagate, logger.propagate = logger.propagate, True  # the CLI's rich handler turns propagation off
-    try:
-        with caplog.at_level(logging.INFO, logger="lingshu"):
-            _model().train(max_steps=40, device="cpu", progress=False)
-    finally:
-        logger.propagate = propagate
-    lines = [r.getMessage() for r in caplog.records if "/40 " in r.getMessage()]
+    with recorded_logs("lingshu") as records:
+        _model().train(max_steps=40, device="cpu", progress=False)
+    lines = [r.getMessage() for r in records if "/40 " in r.getMessage()]
     assert [ln.split()[1] for ln in lines] == [f"{k}/40" for k in range(2, 41, 2)]
     assert "loss" in lines[-1] and "cells/s" in lines[-1] and lines[-1].endswith("0:00:00 left")
 
