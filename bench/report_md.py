@@ -330,7 +330,8 @@ def _profile_text(p: dict) -> str:
              + (f", <= {p['papalexi_max_ctrl']} control sources per replicate" if p.get("papalexi_max_ctrl") else "")
              + (f", {p['papalexi_n_per_cell']} cells per source" if (p.get("papalexi_n_per_cell") or 1) > 1 else "")
              + (f", target gene fixed at {p['papalexi_target_prior']} counts (prior injection)"
-                if p.get("papalexi_target_prior") is not None else ""),
+                if p.get("papalexi_target_prior") is not None else "")
+             + (f", guidance gated at tau = {p['papalexi_guidance_gate']}" if p.get("papalexi_guidance_gate") else ""),
              "scVI epochs: scvi-tools default" + (f", <= {p['scvi_max_epochs']}" if p.get("scvi_max_epochs") else "")
              + (f", <= ~{p['scvi_max_updates']} updates" if p.get("scvi_max_updates") else ""),
              (f"STATE {p['state_steps']} steps ({'2-layer width-128' if p.get('state_small') else 'state_sm'}, "

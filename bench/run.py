@@ -107,6 +107,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--global-weight", type=float, default=None,
                     help="Kang neighbours: share of the context-free (all cell types pooled) effect in the "
                          "effect used (0: the neighbours alone)")
+    ap.add_argument("--papalexi-guidance-gate", type=float, default=None, metavar="TAU",
+                    help="Papalexi: guide only genes whose predicted mean log1p count moves by more than TAU "
+                         "(0: every gene, as published)")
     ap.add_argument("--no-peers", action="store_true", help="skip scVI / scGen-style peers")
     ap.add_argument("--no-plots", action="store_true", help="skip the lingshu evaluate plots")
     ap.add_argument("--no-probe-installs", action="store_true",
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --papalexi-max-ctrl must be >= 0 (0: every control cell), got {args.papalexi_max_ctrl}",
               file=sys.stderr)
         return 2
+    if args.papalexi_guidance_gate is not None and not args.papalexi_guidance_gate >= 0:
+        print(f"error: --papalexi-guidance-gate must be >= 0 (0: off), got {args.papalexi_guidance_gate}",
+              file=sys.stderr)
+        return 2
     if args.loss_genes is not None and args.loss_genes < 0:
         print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
         return 2
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = make_profile(mode, smoke=args.smoke, device=args.device, seed=args.seed, preset=args.preset,
                            kang_steps=steps, papalexi_steps=steps, gen_steps=steps,
                            scvi_max_epochs=args.scvi_epochs, papalexi_targets=args.papalexi_targets,
-                           papalexi_offsets=offsets,
+                           papalexi_offsets=offsets, papalexi_guidance_gate=args.papalexi_guidance_gate,
                            kang_types=args.kang_types.split(",") if args.kang_types else None,
                            gen_datasets=args.datasets.split(",") if args.datasets else None,
                            state_steps=args.state_steps, threads=threads, kang_mask_fraction=args.mask_fraction,

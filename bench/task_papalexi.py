@@ -98,6 +98,7 @@ def run(profile: Profile, out: Path) -> pd.DataFrame:
         with Meter() as m_pred:
             pred = ad.concat([model.predict(sources[r], [t], guidance_scale=profile.guidance_scale,
                                             n_per_cell=profile.papalexi_n_per_cell,
+                                            guidance_gate=profile.papalexi_guidance_gate,
                                             steps=profile.predict_steps, seed=profile.seed + i, device=device,
                                             prior=target_prior(model.genes, t, profile.papalexi_target_prior))
                               for i, (r, t) in enumerate(held)], index_unique="-")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -212,6 +213,11 @@ def simulate(
         help="What guidance is relative to: control (same context at the control; published), null, or "
              "composed (this context's control plus the perturbation's effect learned across all contexts: for "
              "context x perturbation pairs never seen in training).")] = "control",
+    guidance_gate: Annotated[float, typer.Option(
+        "--guidance-gate", metavar="TAU",
+        help="Guide only the genes whose predicted mean log1p count under the perturbation differs from the "
+             "reference's by more than TAU; draw the rest from the plain conditional (0, the default: every gene, "
+             "as published). Not with composed.")] = 0.0,
     neighbours: Annotated[int, typer.Option(
         "--neighbours", metavar="K",
         help="With --guidance-reference composed: take the perturbation's effect from the K contexts seen with it "
@@ -284,6 +290,9 @@ def simulate(
         raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
     if guidance_reference not in GUIDANCE_REFERENCES:
         raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
+    if not (math.isfinite(guidance_gate) and guidance_gate >= 0) or (guidance_gate and guidance_reference == "composed"):
+        raise LingshuError(f"--guidance-gate {guidance_gate}: give TAU >= 0, with guidance relative to the control "
+                           "or null (not composed)")
     if neighbours < 0 or (neighbours and guidance_reference != "composed"):
         raise LingshuError(f"--neighbours {neighbours}: give K >= 1 together with --guidance-reference composed")
     if min_similarity is not None and (not neighbours or not -1 <= min_similarity <= 1):
@@ -307,8 +316,8 @@ def simulate(
                       f"x {n_per_cell}", markup=False, highlight=False)
         chunks = model.iter_predict(adata, perturbations, n_per_cell=n_per_cell,
                                     guidance_scale=2.0 if guidance is None else guidance,
-                                    guidance_reference=guidance_reference, neighbours=neighbours,
-                                    min_similarity=min_similarity, global_weight=global_weight,
+                                    guidance_reference=guidance_reference, guidance_gate=guidance_gate,
+                                    neighbours=neighbours, min_similarity=min_similarity, global_weight=global_weight,
                                     steps=3 if steps is None else steps, seed=seed,
                                     device=device, progress=progress,
                                     prior=fixed or None, mask_fraction=mask_fraction, coupling=coupling)
@@ -318,8 +327,9 @@ def simulate(
         table = model.generation_table(n_cells, conditions or None, seed=seed)
         chunks = model.iter_simulate(table, steps=32 if steps is None else steps,
                                      guidance_scale=0.0 if guidance is None else guidance,
-                                     guidance_reference=guidance_reference, neighbours=neighbours,
-                                     min_similarity=min_similarity, global_weight=global_weight, seed=seed,
+                                     guidance_reference=guidance_reference, guidance_gate=guidance_gate,
+                                     neighbours=neighbours, min_similarity=min_similarity,
+                                     global_weight=global_weight, seed=seed,
                                      device=device, progress=progress, prior=fixed or None)
     n = _write_chunks(model, chunks, out, overwrite=overwrite)
     console.print(f"wrote {n:,} cells to {out}", markup=False, highlight=False)

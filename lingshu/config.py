@@ -7,6 +7,7 @@ checkpoint manifest (``lingshu.json``) so a model directory says how it was made
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,11 @@ class SampleConfig:
         learned across all contexts (context keys null); for context x perturbation
         combinations never seen in training (:mod:`lingshu.sampler`). ``w = 0`` is then the
         product of experts, not plain conditional sampling.
+    guidance_gate
+        0 (published): guide every gene. ``tau > 0``: guide only the genes whose predicted mean
+        ``log1p`` count under the condition differs from the reference's by more than ``tau``
+        (per cell and step); the others are drawn from the plain conditional. Not for
+        ``"composed"``.
     batch_size
         Cells denoised at once.
     seed
@@ -224,6 +230,7 @@ class SampleConfig:
     order: str = "random"
     guidance_scale: float = 0.0
     guidance_reference: str = "control"
+    guidance_gate: float = 0.0
     batch_size: int = 256
     seed: int = 0
 
@@ -233,6 +240,10 @@ class SampleConfig:
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
         _check(self.guidance_reference in GUIDANCE_REFERENCES,
                f"guidance_reference must be control, null or composed, got {self.guidance_reference!r}")
+        _check(self.guidance_gate >= 0 and math.isfinite(self.guidance_gate),
+               f"guidance_gate must be a finite number >= 0, got {self.guidance_gate}")
+        _check(self.guidance_gate == 0 or self.guidance_reference != "composed",
+               "guidance_gate needs guidance relative to the control or null, not composed")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 

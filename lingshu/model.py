@@ -324,7 +324,7 @@ class LingshuModel:
         ----------
         conditions
             Labels per condition key (a missing column means the null condition).
-        steps, guidance_scale, guidance_reference, order, schedule, seed, batch_size
+        steps, guidance_scale, guidance_reference, guidance_gate, order, schedule, seed, batch_size
             See :class:`SampleConfig`.
         prior
             Prior injection: ``{gene: count}`` fixed in every cell and never re-masked.
@@ -355,8 +355,8 @@ class LingshuModel:
         return out
 
     def iter_simulate(self, conditions: pd.DataFrame, *, steps: int = 32, guidance_scale: float = 0.0,
-                      guidance_reference: str = "control", order: str = "random", schedule: str = "cosine",
-                      seed: int = 0, device: str = "auto", batch_size: int = 256,
+                      guidance_reference: str = "control", guidance_gate: float = 0.0, order: str = "random",
+                      schedule: str = "cosine", seed: int = 0, device: str = "auto", batch_size: int = 256,
                       prior: Mapping[str, int] | None = None, start_counts: sp.spmatrix | None = None,
                       mask_fraction: float = 1.0, coupling: str = "independent", neighbours: int = 0,
                       min_similarity: float | None = None, global_weight: float | None = None,
@@ -379,7 +379,8 @@ class LingshuModel:
         """
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
-                           guidance_reference=guidance_reference, batch_size=batch_size, seed=seed)
+                           guidance_reference=guidance_reference, guidance_gate=guidance_gate, batch_size=batch_size,
+                           seed=seed)
         if coupling not in COUPLINGS:
             raise LingshuError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
         quantile = coupling == "quantile"
@@ -418,7 +419,7 @@ class LingshuModel:
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
-                "guidance_reference": guidance_reference, "order": order, "schedule": schedule,
+                "guidance_reference": guidance_reference, "guidance_gate": guidance_gate, "order": order, "schedule": schedule,
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
                 "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
         if min_similarity is not None:

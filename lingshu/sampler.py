@@ -43,12 +43,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .config import SampleConfig
 from .progress import progress_bar
 from .schedule import n_masked_after
-from .tokenizer import MASK_ID
+from .tokenizer import MASK_ID, token_midpoints
 
 COUPLINGS = ("independent", "quantile")  # how a counterfactual's re-generated genes relate to the observed ones
 
@@ -56,13 +57,30 @@ __all__ = ["COUPLINGS", "sample_tokens", "transport_tokens", "guided_log_probs",
            "expected_values"]
 
 
-def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None, w: float) -> torch.Tensor:
-    """Guided log-probabilities in float64 (unnormalised when ``w != 0``)."""
+def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None, w: float,
+                     gate: float = 0.0) -> torch.Tensor:
+    """Guided log-probabilities in float64 (unnormalised when ``w != 0``).
+
+    ``gate > 0`` guides only the positions whose conditional and reference means of
+    ``log1p(count)`` (token midpoints) differ by more than ``gate``; the others are drawn from
+    the plain conditional. Guidance then sharpens the genes the condition moves without also
+    amplifying the small, noisy differences of the many genes it leaves alone.
+    """
     lc = torch.log_softmax(logits_cond.double(), dim=-1)
     if logits_ref is None or w == 0:
         return lc
     lr = torch.log_softmax(logits_ref.double(), dim=-1)
-    return lr + (w + 1.0) * (lc - lr)
+    guided = lr + (w + 1.0) * (lc - lr)
+    if gate > 0:
+        v = _log1p_midpoints(lc.shape[-1], lc.device)
+        shift = lc.exp() @ v - lr.exp() @ v  # (M,) predicted change of the mean log1p count
+        guided = torch.where((shift.abs() > gate)[:, None], guided, lc)
+    return guided
+
+
+def _log1p_midpoints(n_values: int, device) -> torch.Tensor:
+    """``log1p`` of the count each of the first ``n_values`` value tokens stands for (float64)."""
+    return torch.from_numpy(np.log1p(token_midpoints()[:n_values])).to(device)
 
 
 def composed_log_probs(logits_ctrl: torch.Tensor, logits_pert, logits_base, w: float,
@@ -122,7 +140,7 @@ def _draw_at(log_probs, rows, cols, generator, chunk: int = 4096):
     return values, logps
 
 
-def _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights=None):
+def _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights=None, gate: float = 0.0):
     """The per-position log-probability function of one step (one batched denoiser pass)."""
     b = x.shape[0]
 
@@ -135,17 +153,17 @@ def _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights=None):
                                                [head(h, r, c) for h in hs[1::2]], w, pooled_weights)
     if ref is not None and w != 0:
         h_cond, h_ref = denoiser.packed(torch.cat([x, x]), torch.cat([cond, ref])).split(b)
-        return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w)
+        return lambda r, c: guided_log_probs(head(h_cond, r, c), head(h_ref, r, c), w, gate)
     h_cond = denoiser.packed(x, cond)  # (B, T*S, D): features are taken at the drawn positions only
     return lambda r, c: head(h_cond, r, c).double()
 
 
 def _denoise_step(denoiser, x, cond, ref, w, order, n_reveal, generator, pooled=None,
-                  pooled_weights=None) -> torch.Tensor:
+                  pooled_weights=None, gate: float = 0.0) -> torch.Tensor:
     """Reveal ``n_reveal[i]`` masked genes of each cell ``i``; returns the new tokens."""
     b, g = x.shape
     masked = x == MASK_ID
-    log_probs = _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights)
+    log_probs = _log_prob_fn(denoiser, x, cond, ref, w, pooled, pooled_weights, gate)
     k = int(n_reveal.max())
     arange_b = torch.arange(b, device=x.device)[:, None]
     keep = torch.arange(k, device=x.device)[None, :] < n_reveal[:, None]  # (B, k)
@@ -239,7 +257,7 @@ def sample_tokens(denoiser, cond: torch.Tensor, init: torch.Tensor, cfg: SampleC
                 if int(n_reveal.max()) > 0:
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                         x = _denoise_step(denoiser, x, c, r, cfg.guidance_scale, cfg.order, n_reveal, generator, pl,
-                                          pooled_weights)
+                                          pooled_weights, cfg.guidance_gate)
                 bar.advance()
             out.append(x.cpu())
     return torch.cat(out) if out else init.clone()
@@ -297,7 +315,7 @@ def transport_tokens(denoiser, cond: torch.Tensor, source: torch.Tensor, init: t
                                                          source):
             carried = x == MASK_ID
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl, pooled_weights)
+                target = _log_prob_fn(denoiser, x, c, r, cfg.guidance_scale, pl, pooled_weights, cfg.guidance_gate)
                 src = _log_prob_fn(denoiser, obs.masked_fill(carried, MASK_ID), s, None, 0.0, None)
                 rows, cols = carried.nonzero(as_tuple=True)
                 values = _transport_at(target, src, obs[rows, cols], rows, cols, generator)

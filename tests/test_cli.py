@@ -282,7 +282,27 @@ def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
     assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
                           "--guidance-reference", "composed", "--neighbours", "1", "--global-weight", "2"),
                       "--global-weight 2", "[0, 1]")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance-gate", "-1"), "--guidance-gate -1", "TAU >= 0")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance-reference", "composed", "--guidance-gate", "0.1"), "not composed")
     assert not out.exists()
+
+
+def test_simulate_with_gated_guidance(tmp_path, model_dir, counts_h5ad):
+    sims = {}
+    for gate in ("0", "0.05", "1000"):
+        out = tmp_path / f"gate{gate}.h5ad"
+        result = run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                     "--guidance", "2", "--guidance-gate", gate, "--steps", "2", "--device", "cpu", "--quiet")
+        assert result.exit_code == 0, result.output
+        sims[gate] = ad.read_h5ad(out)
+        assert sims[gate].uns["lingshu"]["guidance_gate"] == float(gate)
+    plain = tmp_path / "plain.h5ad"  # a gate no gene passes: plain conditional sampling, the same cells
+    assert run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", plain,
+               "--guidance", "0", "--steps", "2", "--device", "cpu", "--quiet").exit_code == 0
+    assert (sims["1000"].X != ad.read_h5ad(plain).X).nnz == 0
+    assert (sims["0.05"].X != sims["0"].X).nnz > 0
 
 
 def test_simulate_with_composed_guidance(tmp_path, model_dir, counts_h5ad):

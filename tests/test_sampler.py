@@ -16,11 +16,11 @@ def denoiser():
     return Denoiser(ModelConfig(n_layers=1, d_model=32, n_heads=2, d_ff=64, gene_dim=4, group_size=8), 40, [2, 3])
 
 
-def _run(m, n=12, steps=5, seed=0, w=0.0, ref=True, order="random", init=None):
+def _run(m, n=12, steps=5, seed=0, w=0.0, ref=True, order="random", init=None, gate=0.0):
     cond = torch.tensor([[1, 2]] * n)
     r = torch.tensor([[1, 1]] * n) if ref else None
     init = torch.full((n, 40), MASK_ID) if init is None else init
-    cfg = SampleConfig(steps=steps, seed=seed, guidance_scale=w, order=order, batch_size=5)
+    cfg = SampleConfig(steps=steps, seed=seed, guidance_scale=w, order=order, batch_size=5, guidance_gate=gate)
     return sample_tokens(m, cond, init, cfg, ref=r)
 
 
@@ -63,6 +63,38 @@ def test_guided_logits_follow_the_formula():
     g = guided_log_probs(lc, lr, 2.0)
     expected = torch.log_softmax(lr.double(), -1) + 3.0 * (torch.log_softmax(lc.double(), -1) - torch.log_softmax(lr.double(), -1))
     assert g.dtype == torch.float64 and torch.allclose(g, expected)
+
+
+def test_gated_guidance_guides_only_the_genes_the_condition_moves():
+    from lingshu.sampler import guided_log_probs
+    from lingshu.tokenizer import token_midpoints
+    lr = torch.randn(2, 281) * 0.1
+    lr[:, :3] += 8.0  # the reference: counts 0-2
+    lc = lr.clone()
+    lc[0, 0] += 0.01  # row 0: the condition barely moves the mean log1p count
+    lc[1, 20] += 10.0  # row 1: it moves the mass to 20 counts
+    v = torch.from_numpy(np.log1p(token_midpoints()))
+    shift = torch.softmax(lc.double(), -1) @ v - torch.softmax(lr.double(), -1) @ v
+    assert abs(shift[0]) < 0.01 < 0.5 < abs(shift[1])
+    full, cond = guided_log_probs(lc, lr, 2.0), guided_log_probs(lc, lr, 0.0)
+    gated = guided_log_probs(lc, lr, 2.0, gate=0.1)
+    assert torch.equal(gated[0], cond[0]) and torch.equal(gated[1], full[1])
+    assert torch.equal(guided_log_probs(lc, lr, 2.0, gate=0.0), full)  # 0: the published, every gene guided
+
+
+def test_a_gate_no_gene_passes_samples_the_plain_conditional(denoiser):
+    plain = _run(denoiser, w=0.0)
+    assert torch.equal(_run(denoiser, w=3.0, gate=1e6), plain)
+    assert not torch.equal(_run(denoiser, w=3.0, gate=1e-9), plain)
+
+
+@pytest.mark.parametrize("kw, message", [({"guidance_gate": -0.1}, "finite number >= 0"),
+                                         ({"guidance_gate": float("inf")}, "finite number >= 0"),
+                                         ({"guidance_gate": 0.1, "guidance_reference": "composed"}, "not composed")])
+def test_bad_guidance_gates_are_refused(kw, message):
+    from lingshu.errors import LingshuError
+    with pytest.raises(LingshuError, match=message):
+        SampleConfig(**kw)
 
 
 def test_draws_follow_the_categorical():

@@ -18,6 +18,10 @@
 #'   perturbation's effect learned across all contexts, for a context and perturbation never
 #'   seen together in training (`guidance = 0` is then the product of the two, not plain
 #'   conditional sampling).
+#' @param guidance_gate `0` (default; published) guides every gene. A value `tau > 0` guides only
+#'   the genes whose predicted mean log1p count under the perturbation differs from the
+#'   reference's by more than `tau`, and draws the rest from the plain conditional (not with
+#'   `"composed"`).
 #' @param neighbours With `guidance_reference = "composed"`: take the perturbation's effect from
 #'   the `neighbours` contexts seen with it whose control expression is most like each cell's
 #'   own context, instead of from all contexts pooled (`0`, the default).
@@ -64,7 +68,8 @@
 #' table(sim$cell_type, sim$condition)
 #' @export
 lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 2,
-                             guidance_reference = c("control", "null", "composed"), neighbours = 0,
+                             guidance_reference = c("control", "null", "composed"), guidance_gate = 0,
+                             neighbours = 0,
                              min_similarity = NULL, global_weight = NULL, seed = 0,
                              steps = 3, mask_fraction = NULL, coupling = c("independent", "quantile"), assay = NULL,
                              prior = NULL, device = "auto", as = c("Seurat", "SingleCellExperiment")) {
@@ -86,7 +91,8 @@ lingshu_simulate <- function(object, perturb, model, n_per_cell = 1, guidance = 
                        model_genes = .chr(py$genes))
   sim <- .py_try(py$predict(
     adata, as.list(as.character(perturb)), n_per_cell = .py_int(n_per_cell), guidance_scale = as.numeric(guidance),
-    guidance_reference = guidance_reference, neighbours = .py_int(neighbours),
+    guidance_reference = guidance_reference, guidance_gate = as.numeric(guidance_gate),
+    neighbours = .py_int(neighbours),
     min_similarity = if (is.null(min_similarity)) NULL else as.numeric(min_similarity),
     global_weight = if (is.null(global_weight)) NULL else as.numeric(global_weight), steps = .py_int(steps),
     seed = .py_int(seed),

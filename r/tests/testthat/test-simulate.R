@@ -54,6 +54,16 @@ test_that("composed guidance reaches Python and is recorded; a misspelt referenc
                "should be one of")
 })
 
+test_that("gated guidance reaches Python and is recorded; a negative gate is refused", {
+  skip_if_no_lingshu()
+  ctrl <- control_cells()[, 1:10]
+  sim <- lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_gate = 0.05, steps = 2,
+                          device = "cpu")
+  expect_equal(SeuratObject::Misc(sim, "lingshu")$guidance_gate, 0.05)
+  expect_error(lingshu_simulate(ctrl, perturb = "stim", model = fixture_model(), guidance_gate = -1, steps = 2,
+                                device = "cpu"), "guidance_gate must be a finite number >= 0")
+})
+
 test_that("the same seed gives the same cells; another seed other cells", {
   skip_if_no_lingshu()
   ctrl <- control_cells()
