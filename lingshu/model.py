@@ -419,7 +419,8 @@ class LingshuModel:
         fixed = self._prior_tokens(prior)
         rng = np.random.default_rng(seed)
         meta = {"version": _version(), "steps": steps, "guidance_scale": guidance_scale,
-                "guidance_reference": guidance_reference, "guidance_gate": guidance_gate, "order": order, "schedule": schedule,
+                "guidance_reference": guidance_reference, "guidance_gate": guidance_gate, "order": order,
+                "schedule": schedule,
                 "seed": seed, "mask_fraction": mask_fraction if start_counts is not None else 1.0,
                 "coupling": coupling, "neighbours": int(neighbours), "prior_genes": sorted(prior) if prior else []}
         if min_similarity is not None:

@@ -14,6 +14,11 @@ Classifier-free guidance (Lingshu-Cell, section 4)::
 with ``ref`` the control condition (same context) or the null condition. ``w = 0``
 skips the reference pass and is exactly conditional sampling.
 
+Gated guidance (not in the paper, ``guidance_gate = tau > 0``): a position keeps the guided
+distribution only where ``|E_cond[log1p x] - E_ref[log1p x]| > tau`` (token midpoints) and is
+drawn from ``p(x | cond)`` otherwise, so genes the condition leaves alone are not pushed around
+by the noise between the two conditionals (guidance raises rare genes' high-count tails there).
+
 Composed guidance (not in the paper), for a context and perturbation never seen together::
 
     log p = log p(x | ctx, control) + (w + 1) * (log p(x | -, pert) - log p(x | -, control))
