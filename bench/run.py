@@ -118,6 +118,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# numeric options: (argparse dest, smallest value, what the smallest value means or "")
+_MINIMA = [("cell_states", 0, "0: off"), ("sample_steps", 1, ""), ("sample_seeds", 1, ""), ("kang_draws", 1, ""),
+           ("papalexi_max_ctrl", 0, "0: every control cell"), ("papalexi_guidance_gate", 0, "0: off"),
+           ("loss_genes", 0, "0: the preset's own")]
+
+
+def arg_error(args: argparse.Namespace, tasks: list[str]) -> str | None:
+    """The first problem with the command line, as one line, or ``None``."""
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        return f"unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}"
+    for dest, low, meaning in _MINIMA:
+        value = getattr(args, dest)
+        if value is not None and not value >= low:  # `not >=`: NaN is refused too
+            flag = "--" + dest.replace("_", "-")
+            return f"{flag} must be >= {low}" + (f" ({meaning})" if meaning else "") + f", got {value}"
+    for o in args.papalexi_offsets.split(",") if args.papalexi_offsets else []:
+        try:
+            int(o)
+        except ValueError:
+            return f"--papalexi-offsets must be integers separated by commas, got {args.papalexi_offsets!r}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse(raw)
@@ -127,39 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     main_results = out.resolve() == (ROOT / "bench" / "results").resolve()
     md = args.md or (ROOT / "BENCHMARKS.md" if main_results else out / "BENCHMARKS.md")  # side runs keep theirs
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        print(f"error: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}", file=sys.stderr)
+    error = arg_error(args, tasks)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.cell_states is not None and args.cell_states < 0:
-        print(f"error: --cell-states must be >= 0 (0: off), got {args.cell_states}", file=sys.stderr)
-        return 2
-    if args.sample_steps is not None and args.sample_steps < 1:
-        print(f"error: --sample-steps must be >= 1, got {args.sample_steps}", file=sys.stderr)
-        return 2
-    if args.sample_seeds is not None and args.sample_seeds < 1:
-        print(f"error: --sample-seeds must be >= 1, got {args.sample_seeds}", file=sys.stderr)
-        return 2
-    if args.kang_draws is not None and args.kang_draws < 1:
-        print(f"error: --kang-draws must be >= 1, got {args.kang_draws}", file=sys.stderr)
-        return 2
-    try:
-        offsets = [int(o) for o in args.papalexi_offsets.split(",")] if args.papalexi_offsets else None
-    except ValueError:
-        print(f"error: --papalexi-offsets must be integers separated by commas, got {args.papalexi_offsets!r}",
-              file=sys.stderr)
-        return 2
-    if args.papalexi_max_ctrl is not None and args.papalexi_max_ctrl < 0:
-        print(f"error: --papalexi-max-ctrl must be >= 0 (0: every control cell), got {args.papalexi_max_ctrl}",
-              file=sys.stderr)
-        return 2
-    if args.papalexi_guidance_gate is not None and not args.papalexi_guidance_gate >= 0:
-        print(f"error: --papalexi-guidance-gate must be >= 0 (0: off), got {args.papalexi_guidance_gate}",
-              file=sys.stderr)
-        return 2
-    if args.loss_genes is not None and args.loss_genes < 0:
-        print(f"error: --loss-genes must be >= 0 (0: the preset's own), got {args.loss_genes}", file=sys.stderr)
-        return 2
+    offsets = [int(o) for o in args.papalexi_offsets.split(",")] if args.papalexi_offsets else None
     if not data_dir().is_dir():
         print(f"skipping the benchmark suite: data folder {data_dir()} not found "
               "(set LINGSHU_DATA_DIR to the folder with the .h5ad files)", file=sys.stderr)

@@ -74,6 +74,22 @@ def test_quick_papalexi_targets_leave_out_the_development_folds(monkeypatch):
     assert pick_targets(targets, 5, [0, 0]) == groups[0]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--sample-steps", "0"], "--sample-steps must be >= 1, got 0"),
+    (["--cell-states", "-1"], "--cell-states must be >= 0 (0: off), got -1"),
+    (["--papalexi-guidance-gate", "nan"], "--papalexi-guidance-gate must be >= 0 (0: off), got nan"),
+    (["--papalexi-max-ctrl", "-5"], "--papalexi-max-ctrl must be >= 0 (0: every control cell), got -5"),
+    (["--papalexi-offsets", "1,x"], "--papalexi-offsets must be integers separated by commas, got '1,x'"),
+    (["--tasks", "kang,foo"], "unknown task(s) foo; choose from kang, papalexi, generation"),
+])
+def test_suite_refuses_bad_options_in_one_line_before_any_work(tmp_path, argv, message):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--out", str(out), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_issue2_bench_tiers_locate_where_generated_cells_differ(monkeypatch):
     """The per-gene-tier table of ``bench/pbmc3k_generation.py`` blames the tier that was corrupted, not the others."""
     import anndata as ad
