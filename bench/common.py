@@ -225,11 +225,15 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # Pearson-delta offset 1 0.853 / 0.102 / 0.031 / 0.463 -> 0.840 / 0.121 / 0.031 / 0.439, offset 4 1.000 /
         # 0.777 / 0.030 / 0.663 -> 1.000 / 0.782 / 0.030 / 0.666; tau 0.1-0.25 no more DES, less Pearson-delta; with
         # w = 2 the gate gives the same DES at a worse MAE.
+        # Then 4 cells per control source instead of 2 (same folds, gate 0.05, 6 seeds): offset 1 PDS / DES / MAE /
+        # Pearson-delta 0.833 / 0.118 / 0.0304 / 0.440 -> 0.833 / 0.128 / 0.0292 / 0.478, offset 4 1.000 / 0.784 /
+        # 0.0297 / 0.665 -> 1.000 / 0.795 / 0.0288 / 0.668 (8 per source, 3 seeds: DES 0.111 / 0.794). Composed
+        # guidance (w = 0 or 1, 0 or 2 neighbour replicates) gave no more DES (offset 1 0.097-0.113).
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=1.0, kang_coupling="quantile", kang_guidance=0.0,
                     kang_guidance_reference="composed", kang_n_per_cell=1, kang_neighbours=3,
                     kang_min_similarity=0.8, kang_global_weight=0.25, kang_draws=3,
-                    papalexi_steps=3000, papalexi_target_prior=0, papalexi_n_per_cell=2, papalexi_guidance_gate=0.05,
+                    papalexi_steps=3000, papalexi_target_prior=0, papalexi_n_per_cell=4, papalexi_guidance_gate=0.05,
                     gen_steps=800, loss_genes=256,
                     gen_sample_steps=32, gen_cell_states=32, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_offsets=[0, 2, 3],
