@@ -45,6 +45,7 @@ from, ``u`` is uniform and the new value follows ``G`` exactly, while a cell hig
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -83,8 +84,13 @@ def guided_log_probs(logits_cond: torch.Tensor, logits_ref: torch.Tensor | None,
     return guided
 
 
-def _log1p_midpoints(n_values: int, device) -> torch.Tensor:
-    """``log1p`` of the count each of the first ``n_values`` value tokens stands for (float64)."""
+@functools.lru_cache(maxsize=8)
+def _log1p_midpoints(n_values: int, device: torch.device) -> torch.Tensor:
+    """``log1p`` of the count each of the first ``n_values`` value tokens stands for (float64).
+
+    Cached per device: it is asked for once per chunk of drawn positions, and a fresh host-to-device
+    copy there would sit on the sampler's hot path.
+    """
     return torch.from_numpy(np.log1p(token_midpoints()[:n_values])).to(device)
 
 
