@@ -134,12 +134,16 @@ def arg_error(args: argparse.Namespace, tasks: list[str]) -> str | None:
         if value is not None and not value >= low:  # `not >=`: NaN is refused too
             flag = "--" + dest.replace("_", "-")
             return f"{flag} must be >= {low}" + (f" ({meaning})" if meaning else "") + f", got {value}"
-    for o in args.papalexi_offsets.split(",") if args.papalexi_offsets else []:
-        try:
-            int(o)
-        except ValueError:
-            return f"--papalexi-offsets must be integers separated by commas, got {args.papalexi_offsets!r}"
+    try:
+        _offsets(args.papalexi_offsets)
+    except ValueError:
+        return f"--papalexi-offsets must be integers separated by commas, got {args.papalexi_offsets!r}"
     return None
+
+
+def _offsets(text: str | None) -> list[int] | None:
+    """``--papalexi-offsets`` as integers (``None`` when not given); ``ValueError`` on anything else."""
+    return [int(o) for o in text.split(",")] if text else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    offsets = [int(o) for o in args.papalexi_offsets.split(",")] if args.papalexi_offsets else None
+    offsets = _offsets(args.papalexi_offsets)  # checked by arg_error
     if not data_dir().is_dir():
         print(f"skipping the benchmark suite: data folder {data_dir()} not found "
               "(set LINGSHU_DATA_DIR to the folder with the .h5ad files)", file=sys.stderr)
