@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -208,10 +209,16 @@ class LingshuModel:
               out_dir: str | Path | None = None, resume: bool = False, progress: bool = False) -> dict[str, Any]:
         """Train (or continue training) the denoiser on the cells given at construction.
 
+        A second call without ``config`` continues the same run (same optimiser state,
+        schedule, data stream and history) up to ``max_steps``, as ``resume`` does from a
+        checkpoint; with ``config`` it starts a new run (fresh optimiser, schedule and
+        history) from the current weights.
+
         Parameters
         ----------
         config
-            Training settings; default: the preset's (with its default length).
+            Training settings; default: the preset's (with its default length), or on a later
+            call the current run's.
         max_steps
             Overrides ``config.max_steps``.
         device
@@ -231,7 +238,13 @@ class LingshuModel:
         if not hasattr(self, "_x"):
             raise LingshuError("this model was loaded without training data; build LingshuModel(adata, ...) to train")
         cfg = dataclasses.replace(config or self.train_config)
-        state = None
+        state, denoiser = None, self.denoiser
+        if self._trainer is not None and not resume:
+            if config is None:  # continue this run in memory, as --resume does from a checkpoint
+                state = (self._trainer.state_tensors(), self._trainer.history.to_dict())
+                denoiser = self._trainer.model
+            else:  # a new run from the current (EMA) weights
+                denoiser = copy.deepcopy(self.denoiser).requires_grad_(True)
         if resume:
             if out_dir is None or not ckpt.is_run_dir(out_dir):
                 raise LingshuError(f"--resume: no checkpoint in {str(out_dir)!r} to resume from")
@@ -241,6 +254,7 @@ class LingshuModel:
             if "trainer_state.safetensors" not in manifest.get("files", {}):
                 raise LingshuError(f"{out_dir} holds no trainer state to resume from")
             state = (ckpt.read_tensors(out_dir, ckpt.TRAINER_STATE), manifest.get("training", {}))
+            denoiser = self.denoiser
         if max_steps is not None:
             cfg.max_steps = int(max_steps)
         if device != "auto" or cfg.device == "auto":
@@ -255,7 +269,7 @@ class LingshuModel:
                if len(val_idx) else None)
         self.train_config = cfg
         on_ckpt = (lambda tr: self._write(out_dir, tr)) if out_dir is not None else None
-        trainer = Trainer(self.denoiser, stream, cfg, dev, val_stream=val, on_checkpoint=on_ckpt, progress=progress)
+        trainer = Trainer(denoiser, stream, cfg, dev, val_stream=val, on_checkpoint=on_ckpt, progress=progress)
         if state is not None:
             trainer.load_state(*state)
             log.info("resuming %s at step %d of %d", out_dir, trainer.history.step, cfg.max_steps)

@@ -111,6 +111,44 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert resumed.history["train_loss"] == full.history["train_loss"]
 
 
+def test_training_again_continues_the_run_as_resume_does(tmp_path):
+    """``train()`` twice on one model (say, to train longer) is ``--resume --max-steps`` in memory."""
+    from lingshu import TrainConfig
+
+    cfg = TrainConfig(max_steps=4, batch_size=16, warmup_steps=2, device="cpu")
+    on_disk = _model()
+    on_disk.train(cfg, out_dir=tmp_path / "run")
+    on_disk.train(out_dir=tmp_path / "run", resume=True, max_steps=8, device="cpu")
+    in_memory = _model()
+    in_memory.train(cfg)
+    before = {k: v.clone() for k, v in in_memory.denoiser.state_dict().items()}
+    in_memory.train(max_steps=8)
+    assert in_memory.history["step"] == 8 and in_memory.history["train_loss"] == on_disk.history["train_loss"]
+    for (k, a), b in zip(on_disk.denoiser.state_dict().items(), in_memory.denoiser.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+    assert any(not torch.equal(before[k], v) for k, v in in_memory.denoiser.state_dict().items())
+    in_memory.train()  # already at its max_steps: nothing to do, weights unchanged
+    assert in_memory.history["step"] == 8
+    for (k, a), b in zip(on_disk.denoiser.state_dict().items(), in_memory.denoiser.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def test_training_again_with_a_config_starts_a_new_run_from_the_trained_weights():
+    from lingshu import TrainConfig
+
+    trained = _model()
+    trained.train(TrainConfig(max_steps=20, batch_size=16, warmup_steps=5, device="cpu"))
+    weights = {k: v.clone() for k, v in trained.denoiser.state_dict().items()}
+    tiny_step = TrainConfig(max_steps=2, batch_size=16, warmup_steps=1, lr=1e-9, min_lr=0.0, device="cpu", seed=7)
+    trained.train(tiny_step)
+    assert trained.history["step"] == 2  # a new run: its own history
+    after = trained.denoiser.state_dict()
+    assert max(float((after[k] - w).abs().max()) for k, w in weights.items()) < 1e-6  # it started from them
+    scratch = _model()
+    scratch.train(tiny_step)
+    assert max(float((scratch.denoiser.state_dict()[k] - w).abs().max()) for k, w in weights.items()) > 1e-2
+
+
 def test_load_refuses_other_format_version(tmp_path):
     m = _model()
     m.save(tmp_path / "run")
