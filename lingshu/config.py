@@ -113,6 +113,7 @@ class ModelConfig:
         _check(self.cell_states >= 0, f"ModelConfig.cell_states must be >= 0, got {self.cell_states}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        _check(1.0 < self.rope_base < math.inf, f"ModelConfig.rope_base must be a finite number > 1, got {self.rope_base}")
 
 
 @dataclass
@@ -128,11 +129,13 @@ class TrainConfig:
     grad_accum
         Micro-batches per optimizer step (global batch = ``batch_size * grad_accum``).
     lr, min_lr
-        Peak learning rate after warmup and the floor of the cosine decay.
+        Peak learning rate after warmup and the floor of the cosine decay (a floor above
+        ``lr`` is taken as ``lr``: a constant rate after warmup).
     warmup_steps
         Linear warmup length in optimizer steps.
     weight_decay, betas, grad_clip
-        AdamW settings and the global gradient-norm clip (published: 0.1, (0.9, 0.95), 1.0).
+        AdamW settings and the global gradient-norm clip (published: 0.1, (0.9, 0.95), 1.0;
+        ``grad_clip = 0``: no clipping).
     ema_decay
         Decay of the exponential moving average of weights saved as the model.
     cond_dropout
@@ -182,11 +185,21 @@ class TrainConfig:
             _check(int(self.max_steps) >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        _check(self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0")
+        _check(0 < self.lr < math.inf and 0 <= self.min_lr < math.inf,
+               f"lr must be a finite number > 0 and min_lr one >= 0, got lr {self.lr}, min_lr {self.min_lr}")
+        _check(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"betas must be two numbers in [0, 1), got {self.betas}")
+        _check(0 <= self.grad_clip < math.inf, f"grad_clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.val_every >= 1 and self.log_every >= 1,
+               f"val_every and log_every must be >= 1, got {self.val_every} and {self.log_every}")
+        _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         _check(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
-        _check(self.loss_genes is None or self.loss_genes >= 1, f"loss_genes must be >= 1 or None, got {self.loss_genes}")
+        _check(self.loss_genes is None or (self.loss_genes >= 1 and float(self.loss_genes).is_integer()),
+               f"loss_genes must be a whole number >= 1 or None, got {self.loss_genes}")
         _check(self.loss_nonzero_share is None or 0.0 < self.loss_nonzero_share < 1.0,
                f"loss_nonzero_share must be in (0, 1) or None, got {self.loss_nonzero_share}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -240,6 +253,7 @@ class SampleConfig:
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
         _check(self.guidance_reference in GUIDANCE_REFERENCES,
                f"guidance_reference must be control, null or composed, got {self.guidance_reference!r}")
+        _check(math.isfinite(self.guidance_scale), f"guidance_scale must be a finite number, got {self.guidance_scale}")
         _check(self.guidance_gate >= 0 and math.isfinite(self.guidance_gate),
                f"guidance_gate must be a finite number >= 0, got {self.guidance_gate}")
         _check(self.guidance_gate == 0 or self.guidance_reference != "composed",

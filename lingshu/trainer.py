@@ -48,12 +48,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup to ``cfg.lr`` then cosine decay to ``cfg.min_lr`` at ``max_steps``."""
+    """Linear warmup to ``cfg.lr`` then cosine decay to ``cfg.min_lr`` (at most ``cfg.lr``) at ``max_steps``."""
     warm = min(cfg.warmup_steps, max(max_steps - 1, 0))
     if step < warm:
         return cfg.lr * (step + 1) / warm
     frac = (step - warm) / max(max_steps - warm, 1)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+    floor = min(cfg.min_lr, cfg.lr)  # a learning rate set below the default floor is not raised to it
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 class _Objective(torch.nn.Module):

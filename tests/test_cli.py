@@ -136,6 +136,21 @@ def test_train_rejects_unknown_config_setting(tmp_path, counts_h5ad):
     assert_user_error(result, "unknown TrainConfig setting(s): learning_rate")
 
 
+@pytest.mark.parametrize("toml, fragment", [("[train]\nweight_decay = -1\n", "weight_decay must be a finite number >= 0"),
+                                            ("[train]\nwarmup_steps = -3\n", "warmup_steps must be >= 0"),
+                                            ("[train]\nbetas = [0.9, 1.5]\n", "betas must be two numbers in [0, 1)"),
+                                            ("[train]\nlr = inf\n", "lr must be a finite number > 0"),
+                                            ("[model]\nrope_base = 0\n", "rope_base must be a finite number > 1")])
+def test_train_refuses_out_of_range_config_values(tmp_path, counts_h5ad, toml, fragment):
+    """A TOML setting that would train on NaNs or a broken schedule is refused before any work."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    out = tmp_path / "run"
+    assert_user_error(run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type", "--config", cfg,
+                          "--device", "cpu"), fragment)
+    assert not out.exists()
+
+
 def test_train_resume_continues_run(tmp_path, counts_h5ad):
     out = tmp_path / "run"
     first = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type",
@@ -286,6 +301,8 @@ def test_simulate_flag_combinations(tmp_path, model_dir, counts_h5ad):
                           "--guidance-gate", "-1"), "--guidance-gate -1", "TAU >= 0")
     assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
                           "--guidance-reference", "composed", "--guidance-gate", "0.1"), "not composed")
+    assert_user_error(run("simulate", "--in", counts_h5ad, "--perturb", "stim", "--model", model_dir, "--out", out,
+                          "--guidance", "nan"), "--guidance nan", "finite")
     assert not out.exists()
 
 
