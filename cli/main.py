@@ -290,6 +290,8 @@ def simulate(
         raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
     if guidance_reference not in GUIDANCE_REFERENCES:
         raise LingshuError(f"--guidance-reference must be control, null or composed, got {guidance_reference!r}")
+    if guidance is not None and not math.isfinite(guidance):
+        raise LingshuError(f"--guidance {guidance}: give a finite number")
     gate_ok = math.isfinite(guidance_gate) and guidance_gate >= 0
     if not gate_ok or (guidance_gate and guidance_reference == "composed"):
         raise LingshuError(f"--guidance-gate {guidance_gate}: give TAU >= 0, with guidance relative to the control "

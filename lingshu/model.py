@@ -490,6 +490,9 @@ class LingshuModel:
     def generation_table(self, n_cells: int, condition: Mapping[str, str] | None = None, *,
                          seed: int = 0) -> pd.DataFrame:
         """The condition labels :meth:`generate` simulates (pass to :meth:`iter_simulate` to stream)."""
+        if int(n_cells) != n_cells or n_cells < 0:
+            raise LingshuError(f"the number of cells must be a whole number >= 0, got {n_cells}")
+        n_cells = int(n_cells)
         condition = dict(condition or {})
         for k, v in condition.items():
             if k not in self.vocab.keys:

@@ -27,6 +27,23 @@ def test_simulate_returns_integer_counts_and_conditions():
     assert out.uns["lingshu"]["steps"] == 4
 
 
+@pytest.mark.parametrize("n", [-1, 2.5])
+def test_generate_refuses_a_bad_number_of_cells(n):
+    m = _model()
+    with pytest.raises(LingshuError, match="whole number >= 0"):
+        m.generate(n)
+
+
+def test_a_learning_rate_below_the_default_floor_stays_constant_after_warmup():
+    from lingshu import TrainConfig
+    from lingshu.trainer import lr_at
+
+    cfg = TrainConfig(max_steps=100, lr=1e-5, warmup_steps=10)  # min_lr keeps its default 2e-5
+    rates = [lr_at(s, cfg, 100) for s in range(100)]
+    assert max(rates) == pytest.approx(1e-5) and all(r == pytest.approx(1e-5) for r in rates[10:])
+    assert lr_at(99, TrainConfig(max_steps=100, lr=1e-3), 100) < 1e-4  # the usual cosine decay is unchanged
+
+
 def test_training_without_a_progress_bar_logs_progress_lines():
     """Redirected to a log file (no bar), a run still says how far it is, every 5% of the steps."""
     with recorded_logs("lingshu") as records:

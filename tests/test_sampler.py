@@ -90,8 +90,11 @@ def test_a_gate_no_gene_passes_samples_the_plain_conditional(denoiser):
 
 @pytest.mark.parametrize("kw, message", [({"guidance_gate": -0.1}, "finite number >= 0"),
                                          ({"guidance_gate": float("inf")}, "finite number >= 0"),
-                                         ({"guidance_gate": 0.1, "guidance_reference": "composed"}, "not composed")])
-def test_bad_guidance_gates_are_refused(kw, message):
+                                         ({"guidance_gate": 0.1, "guidance_reference": "composed"}, "not composed"),
+                                         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite"),
+                                         ({"guidance_scale": float("-inf")}, "guidance_scale must be a finite")])
+def test_bad_guidance_settings_are_refused(kw, message):
+    """NaN guidance used to give every gene the overflow token (10,000 counts) instead of an error."""
     from lingshu.errors import LingshuError
     with pytest.raises(LingshuError, match=message):
         SampleConfig(**kw)
