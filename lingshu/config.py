@@ -34,6 +34,23 @@ def _check(cond: bool, msg: str) -> None:
         raise LingshuError(msg)
 
 
+MAX_SEED = 2**62  # seeds are offset per chunk and per draw; NumPy and torch both take them below 2**63
+
+
+def whole_number(x: object) -> bool:
+    """True for an integer value (``3``, ``np.int64(3)``, ``3.0``), False for ``2.5``, NaN, ``True``."""
+    if isinstance(x, bool):
+        return False
+    try:
+        return float(x).is_integer() and int(x) == x
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _check_seed(seed: object, name: str = "seed") -> None:
+    _check(whole_number(seed) and 0 <= int(seed) < MAX_SEED, f"{name} must be a whole number in [0, 2**62), got {seed}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the denoiser.
@@ -113,6 +130,7 @@ class ModelConfig:
         _check(self.cell_states >= 0, f"ModelConfig.cell_states must be >= 0, got {self.cell_states}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        _check_seed(self.gene_seed, "ModelConfig.gene_seed")
         _check(1.0 < self.rope_base < math.inf, f"ModelConfig.rope_base must be a finite number > 1, got {self.rope_base}")
 
 
@@ -185,6 +203,7 @@ class TrainConfig:
             _check(int(self.max_steps) >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _check_seed(self.seed)
         _check(0 < self.lr < math.inf and 0 <= self.min_lr < math.inf,
                f"lr must be a finite number > 0 and min_lr one >= 0, got lr {self.lr}, min_lr {self.min_lr}")
         _check(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
@@ -248,7 +267,8 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(whole_number(self.steps) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps}")
+        _check_seed(self.seed)
         _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
         _check(self.guidance_reference in GUIDANCE_REFERENCES,

@@ -17,7 +17,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .cellstate import CellState
-from .config import ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, resolve_group_size, to_dict
+from .config import (ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, resolve_group_size, to_dict,
+                     whole_number)
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
@@ -391,7 +392,11 @@ class LingshuModel:
         mixes the context-free effect in: ``(1 - g)`` times the neighbours' mean effect plus ``g``
         times the context-free one (one more denoiser pair per step).
         """
+        if chunk_cells is not None and (not whole_number(chunk_cells) or chunk_cells < 1):
+            raise LingshuError(f"chunk_cells must be a whole number >= 1, got {chunk_cells}")
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
+        if not self.history.get("step"):
+            log.warning("this model has not been trained: its cells come from random weights (call train() first)")
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
                            guidance_reference=guidance_reference, guidance_gate=guidance_gate, batch_size=batch_size,
                            seed=seed)
@@ -477,6 +482,9 @@ class LingshuModel:
             return {}
         pos = {g: i for i, g in enumerate(self.genes)}
         check_labels(list(prior), self.genes, "prior gene")
+        for g, c in prior.items():
+            if not whole_number(c) or c < 0:
+                raise LingshuError(f"prior count of {g!r} must be a whole number >= 0, got {c}")
         return {pos[g]: int(self.tokenizer.encode(np.array([int(c)]))[0]) for g, c in prior.items()}
 
     def generate(self, n_cells: int, condition: Mapping[str, str] | None = None, **kwargs: Any) -> ad.AnnData:
@@ -490,7 +498,7 @@ class LingshuModel:
     def generation_table(self, n_cells: int, condition: Mapping[str, str] | None = None, *,
                          seed: int = 0) -> pd.DataFrame:
         """The condition labels :meth:`generate` simulates (pass to :meth:`iter_simulate` to stream)."""
-        if int(n_cells) != n_cells or n_cells < 0:
+        if not whole_number(n_cells) or n_cells < 0:
             raise LingshuError(f"the number of cells must be a whole number >= 0, got {n_cells}")
         n_cells = int(n_cells)
         condition = dict(condition or {})
@@ -558,8 +566,11 @@ class LingshuModel:
         """:meth:`predict` in chunks (each with its ``source_cell`` column)."""
         if self.perturbation_key is None:
             raise LingshuError("this model was trained without --perturbation-key; use generate instead")
-        if n_per_cell < 1:
-            raise LingshuError(f"--n-per-cell must be >= 1, got {n_per_cell}")
+        if not whole_number(n_per_cell) or n_per_cell < 1:
+            raise LingshuError(f"--n-per-cell must be a whole number >= 1, got {n_per_cell}")
+        n_per_cell = int(n_per_cell)
+        if isinstance(perturbations, str):  # one label, not its characters
+            perturbations = [perturbations]
         perturbations = [str(p) for p in perturbations]
         if not perturbations:
             raise LingshuError("give at least one perturbation")

@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU."""
+    from .errors import LingshuError
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise LingshuError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import LingshuError
         raise LingshuError("--device cuda asked for but no CUDA device is available; use --device cpu or auto")
     return torch.device(device)
 

@@ -151,6 +151,15 @@ def test_train_refuses_out_of_range_config_values(tmp_path, counts_h5ad, toml, f
     assert not out.exists()
 
 
+def test_a_negative_seed_is_one_error_line(tmp_path, counts_h5ad, model_dir):
+    out = tmp_path / "run"
+    assert_user_error(run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type", "--seed", "-1"),
+                      "seed must be a whole number in [0, 2**62)")
+    assert_user_error(run("simulate", "--model", model_dir, "--n-cells", "3", "--out", tmp_path / "o.h5ad",
+                          "--seed", "-1", "--device", "cpu"), "seed must be a whole number")
+    assert not out.exists() and not (tmp_path / "o.h5ad").exists() and no_temp_files(tmp_path)
+
+
 def test_train_resume_continues_run(tmp_path, counts_h5ad):
     out = tmp_path / "run"
     first = run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type",

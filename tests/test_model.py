@@ -27,6 +27,46 @@ def test_simulate_returns_integer_counts_and_conditions():
     assert out.uns["lingshu"]["steps"] == 4
 
 
+def test_sampling_an_untrained_model_warns(tmp_path):
+    m = _model()
+    with recorded_logs("lingshu") as records:
+        m.generate(2)
+    assert ["not been trained" in r.getMessage() for r in records] == [True]
+    m.train(max_steps=2, device="cpu")
+    m.save(tmp_path / "m")
+    with recorded_logs("lingshu") as records:
+        m.generate(2)
+        LingshuModel.load(tmp_path / "m").generate(2)
+    assert not [r for r in records if "not been trained" in r.getMessage()]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, a: m.generate(2, steps=2.5), "steps must be a whole number >= 1"),
+    (lambda m, a: m.generate(2, seed=-1), "seed must be a whole number in"),
+    (lambda m, a: m.generate(2, seed=2**70), "seed must be a whole number in"),
+    (lambda m, a: m.generate(2, chunk_cells=-1), "chunk_cells must be a whole number >= 1"),
+    (lambda m, a: m.generate(2, prior={"G0": -4}), "prior count of 'G0' must be a whole number >= 0"),
+    (lambda m, a: m.generate(2, prior={"G0": 2.7}), "prior count of 'G0' must be a whole number >= 0"),
+    (lambda m, a: m.generate(2, device="tpu"), "--device must be auto, cpu, cuda or cuda:N"),
+    (lambda m, a: m.predict(a[:3], ["stim"], n_per_cell=2.5), "--n-per-cell must be a whole number >= 1"),
+])
+def test_bad_sampling_arguments_are_one_clear_error(call, message):
+    """Each of these used to raise a numpy/torch error, return no cells, or silently round."""
+    m = _model()
+    m.train(max_steps=2, device="cpu")
+    with pytest.raises(LingshuError, match=message.replace("*", r"\*")):
+        call(m, make_counts())
+
+
+def test_predict_takes_one_perturbation_label_as_a_string():
+    m = _model()
+    m.train(max_steps=2, device="cpu")
+    cells = make_counts()[:4]
+    one = m.predict(cells, "stim", steps=2, seed=3)
+    assert one.obs["condition"].tolist() == ["stim"] * 4
+    assert (one.X != m.predict(cells, ["stim"], steps=2, seed=3).X).nnz == 0
+
+
 @pytest.mark.parametrize("n", [-1, 2.5])
 def test_generate_refuses_a_bad_number_of_cells(n):
     m = _model()
