@@ -72,6 +72,8 @@ def write_checkpoint(path: str | Path, manifest: dict[str, Any], weights: dict[s
         trainer state already in ``path`` stays listed in the new manifest.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LingshuError(f"cannot save the model to {path}: it is a file; give a directory")
     path.mkdir(parents=True, exist_ok=True)
     recover(path)
     stage = path / STAGING

@@ -206,6 +206,16 @@ def test_training_again_with_a_config_starts_a_new_run_from_the_trained_weights(
     assert max(float((scratch.denoiser.state_dict()[k] - w).abs().max()) for k, w in weights.items()) > 1e-2
 
 
+def test_save_onto_a_file_is_refused_and_leaves_it(tmp_path):
+    m = _model()
+    m.train(max_steps=2, device="cpu")
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(LingshuError, match="it is a file; give a directory"):
+        m.save(target)
+    assert target.read_text() == "mine"
+
+
 def test_load_refuses_other_format_version(tmp_path):
     m = _model()
     m.save(tmp_path / "run")
