@@ -47,8 +47,10 @@ def whole_number(x: object) -> bool:
         return False
 
 
-def _check_seed(seed: object, name: str = "seed") -> None:
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int, or a :class:`LingshuError` unless it is a whole number in ``[0, 2**62)``."""
     _check(whole_number(seed) and 0 <= int(seed) < MAX_SEED, f"{name} must be a whole number in [0, 2**62), got {seed}")
+    return int(seed)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class ModelConfig:
         _check(self.cell_states >= 0, f"ModelConfig.cell_states must be >= 0, got {self.cell_states}")
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
-        _check_seed(self.gene_seed, "ModelConfig.gene_seed")
+        self.gene_seed = check_seed(self.gene_seed, "ModelConfig.gene_seed")
         _check(1.0 < self.rope_base < math.inf, f"ModelConfig.rope_base must be a finite number > 1, got {self.rope_base}")
 
 
@@ -203,7 +205,7 @@ class TrainConfig:
             _check(int(self.max_steps) >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        _check_seed(self.seed)
+        self.seed = check_seed(self.seed)
         _check(0 < self.lr < math.inf and 0 <= self.min_lr < math.inf,
                f"lr must be a finite number > 0 and min_lr one >= 0, got lr {self.lr}, min_lr {self.min_lr}")
         _check(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
@@ -268,7 +270,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(whole_number(self.steps) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps}")
-        _check_seed(self.seed)
+        self.seed = check_seed(self.seed)
         _check(self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}")
         _check(self.order in ("random", "confidence"), f"order must be random or confidence, got {self.order!r}")
         _check(self.guidance_reference in GUIDANCE_REFERENCES,

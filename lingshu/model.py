@@ -17,8 +17,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .cellstate import CellState
-from .config import (ModelConfig, SampleConfig, TrainConfig, from_dict, preset as get_preset, resolve_group_size, to_dict,
-                     whole_number)
+from .config import (ModelConfig, SampleConfig, TrainConfig, check_seed, from_dict, preset as get_preset,
+                     resolve_group_size, to_dict, whole_number)
 from .data import BatchStream, Vocabulary, split_indices
 from .denoiser import Denoiser
 from .errors import LingshuError
@@ -137,6 +137,7 @@ class LingshuModel:
     def _build(self, x, obs: pd.DataFrame, genes: list[str], keys: tuple[list[str], list[str]],
                perturbation_key: str | None, control: str | None, preset: str, config: ModelConfig | None, seed: int,
                fit: sp.spmatrix, *, block: int, buffer: int, fit_rows: np.ndarray | None = None) -> None:
+        seed = check_seed(seed)
         context_keys, all_keys = keys
         vocab = Vocabulary.from_obs(obs, all_keys)
         if control is not None:
@@ -395,6 +396,7 @@ class LingshuModel:
         if chunk_cells is not None and (not whole_number(chunk_cells) or chunk_cells < 1):
             raise LingshuError(f"chunk_cells must be a whole number >= 1, got {chunk_cells}")
         chunk_cells = int(chunk_cells or _CHUNK_CELLS)
+        seed = check_seed(seed)
         if not self.history.get("step"):
             log.warning("this model has not been trained: its cells come from random weights (call train() first)")
         cfg = SampleConfig(steps=steps, schedule=schedule, order=order, guidance_scale=guidance_scale,
@@ -500,7 +502,7 @@ class LingshuModel:
         """The condition labels :meth:`generate` simulates (pass to :meth:`iter_simulate` to stream)."""
         if not whole_number(n_cells) or n_cells < 0:
             raise LingshuError(f"the number of cells must be a whole number >= 0, got {n_cells}")
-        n_cells = int(n_cells)
+        n_cells, seed = int(n_cells), check_seed(seed)
         condition = dict(condition or {})
         for k, v in condition.items():
             if k not in self.vocab.keys:

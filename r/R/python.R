@@ -155,5 +155,13 @@ lingshu_install_hint <- function() {
 }
 
 # R values -> Python arguments: integers stay integers, length-1 vectors lists where needed.
-.py_int <- function(x) if (is.null(x)) NULL else as.integer(x)
+# A whole number as a Python int; anything else (2.5, NA, a number past R's integer range) goes as
+# it is, so the engine refuses it with its own message or takes a large seed whole, instead of
+# as.integer() truncating 2.5 to 2 or turning 2^40 into NA.
+.py_int <- function(x) {
+  if (is.null(x)) return(NULL)
+  whole <- is.numeric(x) && length(x) == 1L && !is.na(x) && is.finite(x) && x == round(x) &&
+    abs(x) <= .Machine$integer.max
+  if (whole) as.integer(x) else x
+}
 .chr <- function(x) as.character(unlist(x))

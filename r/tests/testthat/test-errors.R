@@ -32,3 +32,15 @@ test_that("input problems are caught in R with a clear message", {
   obj$cell_type[1] <- NA
   expect_error(lingshu_train(obj, context_keys = "cell_type"), "1 missing \\(NA\\) values")
 })
+
+test_that("fractional counts and steps are refused, not truncated", {
+  skip_if_no_lingshu()
+  expect_error(lingshu_generate(fixture_model(), 2.5, device = "cpu"), "whole number >= 0, got 2.5",
+               class = "lingshu_error", fixed = TRUE)
+  expect_error(lingshu_generate(fixture_model(), 3, steps = 1.5, device = "cpu"), "steps must be a whole number",
+               class = "lingshu_error")
+  expect_error(lingshu_simulate(control_cells(), perturb = "stim", model = fixture_model(), n_per_cell = 1.5,
+                                device = "cpu"), "--n-per-cell must be a whole number", class = "lingshu_error")
+  big_seed <- lingshu_generate(fixture_model(), 2, seed = 2^40, steps = 2, device = "cpu")
+  expect_equal(ncol(big_seed), 2)
+})
