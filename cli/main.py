@@ -113,6 +113,12 @@ def train(
 
     if not input:
         raise LingshuError("give the training cells with --in")
+    seen: dict[Path, Path] = {}
+    for path in input:
+        if path.resolve() in seen:
+            raise LingshuError(f"--in {path} is given more than once (as {seen[path.resolve()]}); "
+                               "its cells would be trained on twice")
+        seen[path.resolve()] = path
     stream = stream or len(input) > 1
     model_cfg, train_cfg = _train_configs(
         preset, config, {"max_steps": max_steps, "batch_size": batch_size, "seed": seed, "device": device})

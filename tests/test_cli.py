@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -148,6 +149,14 @@ def test_train_refuses_out_of_range_config_values(tmp_path, counts_h5ad, toml, f
     out = tmp_path / "run"
     assert_user_error(run("train", "--in", counts_h5ad, "--out", out, "--context-key", "cell_type", "--config", cfg,
                           "--device", "cpu"), fragment)
+    assert not out.exists()
+
+
+def test_the_same_training_file_twice_is_refused(tmp_path, counts_h5ad):
+    out = tmp_path / "run"
+    again = Path(counts_h5ad).parent / "." / Path(counts_h5ad).name
+    assert_user_error(run("train", "--in", counts_h5ad, "--in", again, "--out", out, "--context-key", "cell_type"),
+                      "is given more than once", "trained on twice")
     assert not out.exists()
 
 
