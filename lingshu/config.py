@@ -133,7 +133,8 @@ class ModelConfig:
         _check(self.max_tokens is None or self.max_tokens >= 1, f"ModelConfig.max_tokens must be >= 1, got {self.max_tokens}")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         self.gene_seed = check_seed(self.gene_seed, "ModelConfig.gene_seed")
-        _check(1.0 < self.rope_base < math.inf, f"ModelConfig.rope_base must be a finite number > 1, got {self.rope_base}")
+        _check(1.0 < self.rope_base < math.inf,
+               f"ModelConfig.rope_base must be a finite number > 1, got {self.rope_base}")
 
 
 @dataclass
@@ -215,7 +216,8 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.val_every >= 1 and self.log_every >= 1,
                f"val_every and log_every must be >= 1, got {self.val_every} and {self.log_every}")
-        _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
+        _check(self.checkpoint_every >= 0,
+               f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(0.0 <= self.cond_dropout < 1.0, f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         _check(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")

@@ -137,11 +137,13 @@ def test_train_rejects_unknown_config_setting(tmp_path, counts_h5ad):
     assert_user_error(result, "unknown TrainConfig setting(s): learning_rate")
 
 
-@pytest.mark.parametrize("toml, fragment", [("[train]\nweight_decay = -1\n", "weight_decay must be a finite number >= 0"),
-                                            ("[train]\nwarmup_steps = -3\n", "warmup_steps must be >= 0"),
-                                            ("[train]\nbetas = [0.9, 1.5]\n", "betas must be two numbers in [0, 1)"),
-                                            ("[train]\nlr = inf\n", "lr must be a finite number > 0"),
-                                            ("[model]\nrope_base = 0\n", "rope_base must be a finite number > 1")])
+@pytest.mark.parametrize("toml, fragment", [
+    ("[train]\nweight_decay = -1\n", "weight_decay must be a finite number >= 0"),
+    ("[train]\nwarmup_steps = -3\n", "warmup_steps must be >= 0"),
+    ("[train]\nbetas = [0.9, 1.5]\n", "betas must be two numbers in [0, 1)"),
+    ("[train]\nlr = inf\n", "lr must be a finite number > 0"),
+    ("[model]\nrope_base = 0\n", "rope_base must be a finite number > 1"),
+])
 def test_train_refuses_out_of_range_config_values(tmp_path, counts_h5ad, toml, fragment):
     """A TOML setting that would train on NaNs or a broken schedule is refused before any work."""
     cfg = tmp_path / "run.toml"
