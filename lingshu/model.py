@@ -530,7 +530,7 @@ class LingshuModel:
         adata
             Source cells; their ``obs`` must hold the model's context keys.
         perturbations
-            Labels of ``perturbation_key`` to simulate.
+            Labels of ``perturbation_key`` to simulate (one label may be given as a string).
         n_per_cell
             Simulated cells per input cell and perturbation.
         guidance_scale, steps, seed
