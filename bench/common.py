@@ -229,6 +229,9 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # Pearson-delta 0.833 / 0.118 / 0.0304 / 0.440 -> 0.833 / 0.128 / 0.0292 / 0.478, offset 4 1.000 / 0.784 /
         # 0.0297 / 0.665 -> 1.000 / 0.795 / 0.0288 / 0.668 (8 per source, 3 seeds: DES 0.111 / 0.794). Composed
         # guidance (w = 0 or 1, 0 or 2 neighbour replicates) gave no more DES (offset 1 0.097-0.113).
+        # STATE 1,000 training steps (was 40) on both tasks, sized by wall time alone (session 22): about half of
+        # Lingshu's training time per task (STATE 0.043 s / step + 9 s start on Kang, 0.071 s + 10 s on Papalexi,
+        # one AMD EPYC core; Lingshu 105-125 s and 187 s), what the 20-minute budget leaves beside Lingshu.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=1.0, kang_coupling="quantile", kang_guidance=0.0,
                     kang_guidance_reference="composed", kang_n_per_cell=1, kang_neighbours=3,
@@ -238,7 +241,7 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
                     gen_sample_steps=32, gen_cell_states=32, max_genes=1000, gen_max_cells=600, papalexi_max_ctrl=250,
                     kang_types=["CD4T", "CD14+Mono", "B"], papalexi_targets=5, papalexi_offsets=[0, 2, 3],
                     papalexi_folds=1,
-                    scvi_max_epochs=100, scvi_max_updates=500, state_steps=40, embedding="pca")
+                    scvi_max_epochs=100, scvi_max_updates=500, state_steps=1000, embedding="pca")
     elif mode == "full":
         p = Profile(name="full", preset="base", kang_steps=4000, papalexi_steps=4000, papalexi_target_prior=0,
                     gen_steps=4000,  # no cell states: with `small` at 1,500 steps they made generation worse

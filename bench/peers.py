@@ -133,6 +133,7 @@ def install_report(probe_missing: bool = True, cache: Path | None = None) -> lis
         if pkg == "arc-state" and not version:
             exe = state_executable()
             if exe:
+                version = _venv_version(exe, pkg)
                 status, detail = "separate venv", (
                     f"`state` CLI at {exe}: `pip install arc-state` with torch pinned resolves without touching torch "
                     "but upgrades shared packages (click, typing-extensions, ...), so it lives in a venv with "
@@ -146,6 +147,19 @@ def install_report(probe_missing: bool = True, cache: Path | None = None) -> lis
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(cached, indent=1))
     return rows
+
+
+def _venv_version(exe: str, pkg: str) -> str:
+    """Version of ``pkg`` in the virtual environment of the console script ``exe`` ('' if it cannot be read)."""
+    python = Path(exe).with_name("python")
+    if not python.exists():
+        return ""
+    try:
+        res = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({pkg!r}))"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""
 
 
 def state_executable() -> str | None:
