@@ -18,8 +18,12 @@ The suite uses it when ``$STATE_BIN`` (or ``state`` on PATH) exists. Procedure p
    labelled with the held-out perturbation (STATE replaces the placeholders' expression with its
    prediction from sampled controls of the same context);
 4. the predicted log1p(CP10k) values become counts with library sizes drawn from that
-   context's real control cells (``expm1(x) * lib / 1e4``, rounded stochastically like the
-   ``lingshu evaluate`` baselines), so ``lingshu evaluate`` scores them like everything else.
+   context's real control cells: each cell's ``expm1(x)`` profile scaled to its drawn library
+   size (``expm1(x) / sum(expm1(x)) * lib``) and rounded stochastically like the ``lingshu
+   evaluate`` baselines, so ``lingshu evaluate`` scores them like everything else. STATE's
+   outputs are not normalised (trained on log values with a squared error, their ``expm1`` sums
+   ranged 850-26,000 around a median of 4,800 per Papalexi cell instead of 10,000), so
+   ``expm1(x) * lib / 1e4`` would give most predicted cells a fraction of a real cell's depth.
 
 Workaround: arc-state 0.11.1 loads its own checkpoint with ``torch.load``'s default, which
 torch >= 2.6 made ``weights_only=True``; loading then fails on a pickled numpy scalar. The
@@ -196,7 +200,8 @@ def state_predict(exe: str, train, sources: dict[tuple[str, str], object], *, co
     for c in np.unique(ctx):
         idx = np.flatnonzero(ctx == c)
         lib[idx] = rng.choice(lib_of[c], size=len(idx), replace=True)
-    v = x * lib[:, None] / 1e4
+    total = x.sum(axis=1, keepdims=True)
+    v = x / np.where(total > 0, total, 1.0) * lib[:, None]  # each predicted profile at a real control depth
     low = np.floor(v)
     counts = (low + (rng.random(v.shape) < (v - low))).astype(np.float32)
     obs = res.obs[[context_key, perturbation_key]].astype(str).copy()
