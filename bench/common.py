@@ -231,7 +231,8 @@ def make_profile(mode: str, smoke: bool = False, **overrides) -> Profile:
         # guidance (w = 0 or 1, 0 or 2 neighbour replicates) gave no more DES (offset 1 0.097-0.113).
         # STATE 1,000 training steps (was 40) on both tasks, sized by wall time alone (session 22): about half of
         # Lingshu's training time per task (STATE 0.043 s / step + 9 s start on Kang, 0.071 s + 10 s on Papalexi,
-        # one AMD EPYC core; Lingshu 105-125 s and 187 s), what the 20-minute budget leaves beside Lingshu.
+        # one AMD EPYC core; Lingshu 105-125 s and 187 s in session 20's suite run), what the 20-minute budget
+        # leaves beside Lingshu.
         p = Profile(name="quick", preset="tiny", threads=1, jobs=2, guidance_scale=1.0, kang_steps=800,
                     kang_mask_fraction=1.0, kang_coupling="quantile", kang_guidance=0.0,
                     kang_guidance_reference="composed", kang_n_per_cell=1, kang_neighbours=3,
