@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lingshu.normalize import log_cp10k
+
 log = logging.getLogger("bench")
 
 SMALL = ["model.kwargs.hidden_dim=128", "model.kwargs.transformer_backbone_kwargs.intermediate_size=512",
@@ -118,22 +120,13 @@ def _params(log_path: Path) -> float:
     return float("nan")
 
 
-def _log_cp10k(x) -> sp.csr_matrix:
-    x = sp.csr_matrix(x, dtype=np.float32, copy=True)
-    tot = np.asarray(x.sum(axis=1)).ravel()
-    scale = np.divide(1e4, tot, out=np.zeros_like(tot), where=tot > 0)
-    x = sp.csr_matrix(sp.diags(scale) @ x)
-    np.log1p(x.data, out=x.data)
-    return x
-
-
 def _frame(cells, context_key: str, perturbation_key: str):
     import anndata as ad
 
     obs = pd.DataFrame({context_key: cells.obs[context_key].astype(str).to_numpy(),
                         perturbation_key: cells.obs[perturbation_key].astype(str).to_numpy(),
                         "bench_batch": "b0"}, index=np.asarray(cells.obs_names).astype(str))
-    return ad.AnnData(X=_log_cp10k(cells.X), obs=obs, var=pd.DataFrame(index=cells.var_names.astype(str)))
+    return ad.AnnData(X=log_cp10k(cells.X), obs=obs, var=pd.DataFrame(index=cells.var_names.astype(str)))
 
 
 def state_predict(exe: str, train, sources: dict[tuple[str, str], object], *, context_key: str,
